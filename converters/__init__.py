@@ -1,0 +1,1 @@
+"""Checkpoint converters (installed as ``tide_local.converters``)."""

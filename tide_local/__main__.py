@@ -1,0 +1,3 @@
+from tide_local.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The `tide` command: a thin dispatcher. Each subcommand is its own module with its own
+parser and ``main(argv, prog)``, imported only when used so `tide --help` is instant."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from tide_local.errors import TideError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("tide_local.converters.convert", "convert a Hugging Face LLaDA2.0 checkpoint to GGUF"),
+    "info": ("tide_local.info", "show and validate a LLaDA2 GGUF file"),
+}
+
+USAGE = """usage: tide COMMAND [options]
+
+Run LLaDA2.0 MoE diffusion language models locally with TIDE expert offload.
+
+commands:
+{commands}
+
+`tide COMMAND --help` explains each command's options.
+"""
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from tide_local import __version__
+
+        print(f"tide-local {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"tide: error: unknown command '{name}' (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return module.main(rest, prog=f"tide {name}") or 0
+    except TideError as err:
+        print(f"tide {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"tide {name}: interrupted", file=sys.stderr)
+        return 130
