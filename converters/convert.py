@@ -1,0 +1,236 @@
+"""`tide convert`: a LLaDA2.0 Hugging Face checkpoint → one GGUF file.
+
+Streams tensor by tensor and row chunk by row chunk (bounded memory whatever the model
+size), quantizes with ggml's own kernels in worker threads, writes to a temporary file
+and renames it into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T, GGUFValueType
+
+from tide_local import llada2
+from tide_local.errors import OutputPathError
+from tide_local.gguf import GGUFStreamWriter, tensor_nbytes
+from tide_local.progress import Progress, human_bytes
+
+from .hf_checkpoint import HFCheckpoint
+from .quant_plan import OUTPUT_TYPES, TensorPlan, plan_types
+from .tokenizer_meta import tokenizer_metadata
+
+# Values per work item: 4M float32 = 16 MiB. With a few items in flight per thread the
+# converter's memory stays far below its 3 GB bound.
+CHUNK_VALUES = 1 << 22
+DEFAULT_ALIGNMENT = 4096  # expert slices start on page boundaries where their sizes allow
+
+
+def encode_rows(rows: np.ndarray, ggml_type: T) -> np.ndarray:
+    """float32 [n, row] → the bytes of those rows in `ggml_type`."""
+    if ggml_type == T.F32:
+        return rows.astype("<f4", copy=False)
+    if ggml_type == T.F16:
+        return rows.astype("<f2")
+    if ggml_type == T.BF16:
+        bits = rows.astype("<f4", copy=False).view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))  # nearest even
+        return (rounded >> np.uint32(16)).astype("<u2")
+    from tide_local.ggml import quantize_rows
+
+    return quantize_rows(np.ascontiguousarray(rows, dtype=np.float32), int(ggml_type))
+
+
+def _work_items(checkpoint: HFCheckpoint, plan: TensorPlan):
+    """(source name, first row, end row) pieces of one output tensor, in file order."""
+    spec = plan.spec
+    for hf_name in spec.hf_names:  # one per expert for stacks, expert-major
+        source = checkpoint.tensors[hf_name]
+        rows = source.n_rows
+        per_chunk = max(1, CHUNK_VALUES // max(1, spec.n_per_row))
+        for start in range(0, rows, per_chunk):
+            yield hf_name, start, min(rows, start + per_chunk)
+
+
+def _metadata(checkpoint: HFCheckpoint, plans: list[TensorPlan], output_type: str, alignment: int) -> dict:
+    cfg = checkpoint.config
+    meta: dict[str, object] = {
+        "general.architecture": llada2.ARCH,
+        "general.name": checkpoint.dir.name,
+        "general.file_type": int(OUTPUT_TYPES[output_type][1]),
+        "general.quantization_version": 2,
+    }
+    meta.update(cfg.gguf_metadata())
+    meta.update(llada2.CONSTANT_ARCH_METADATA)
+    meta.update({
+        "tide.layout_version": llada2.LAYOUT_VERSION,
+        "tide.output_type": output_type,
+        "tide.expert_alignment": alignment,
+        "tide.block_length": llada2.DEFAULT_BLOCK_LENGTH,
+        "tide.steps": llada2.DEFAULT_STEPS,
+        "tide.threshold": llada2.DEFAULT_THRESHOLD,
+    })
+    types = {p.spec.name: p.ggml_type for p in plans}
+    for proj in llada2.EXPERT_PROJECTIONS:
+        slice_bytes = []
+        for layer in range(cfg.n_layers):
+            name = llada2.expert_tensor_name(layer, proj)
+            if name in types:
+                ne = next(p.spec.ne for p in plans if p.spec.name == name)
+                slice_bytes.append(tensor_nbytes(ne[:2], types[name]))
+            else:
+                slice_bytes.append(0)
+        meta[f"tide.expert_slice_bytes.{proj}"] = slice_bytes
+    fallbacks = [p.fallback_note() for p in plans if p.fallback]
+    if fallbacks:
+        meta["tide.type_fallbacks"] = fallbacks
+    meta.update(tokenizer_metadata(checkpoint.tokenizer_path, checkpoint.tokenizer_config, cfg.vocab_size))
+    return meta
+
+
+_ITEM_TYPES = {"tokenizer.ggml.token_type": GGUFValueType.INT32}
+_ITEM_TYPES.update({f"tide.expert_slice_bytes.{p}": GGUFValueType.UINT64 for p in llada2.EXPERT_PROJECTIONS})
+
+
+def _check_output(out: Path) -> None:
+    if out.is_dir():
+        raise OutputPathError(f"{out}: is a directory; give a file name such as {out / 'model.gguf'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"{out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"{out}: directory {parent} is not writable")
+
+
+def convert(hf_dir, out, output_type: str = "q8_0", *, threads: int | None = None, dry_run: bool = False,
+            alignment: int = DEFAULT_ALIGNMENT, progress: bool | None = None, log=sys.stderr) -> dict:
+    """Convert; returns a summary dict (tensors, types, sizes). Raises TideError subclasses."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown type {output_type}; choose from {', '.join(OUTPUT_TYPES)}")
+    checkpoint = HFCheckpoint(hf_dir)
+    cfg = checkpoint.config
+    plans = plan_types(checkpoint.specs, output_type, cfg.n_layers)
+    meta = _metadata(checkpoint, plans, output_type, alignment)
+    out = Path(out)
+    writer = GGUFStreamWriter(out, alignment=alignment)
+    for key, value in meta.items():
+        writer.add(key, value, item_type=_ITEM_TYPES.get(key))
+    for p in plans:
+        writer.add_tensor(p.spec.name, p.spec.ne, p.ggml_type)
+    summary = {
+        "tensors": len(plans),
+        "output_bytes": writer.total_size(),
+        "source_bytes": checkpoint.total_bytes,
+        "plans": plans,
+        "fallbacks": [p.fallback_note() for p in plans if p.fallback],
+    }
+    if dry_run:
+        return summary
+    _check_output(out)
+    threads = threads or min(8, os.cpu_count() or 1)
+    bar = Progress(f"converting to {output_type}", summary["output_bytes"], len(plans), enabled=progress, stream=log)
+    with writer, ThreadPoolExecutor(threads) as pool:
+        writer.begin_data()
+        free = shutil.disk_usage(writer.path.parent).free
+        if free < summary["output_bytes"]:
+            raise OutputPathError(
+                f"{out}: needs {human_bytes(summary['output_bytes'])} but only {human_bytes(free)} is free there"
+            )
+        for p in plans:
+            _convert_tensor(checkpoint, p, writer, pool, threads, bar)
+        writer.finish()
+    bar.close(f"wrote {out} ({human_bytes(summary['output_bytes'])}, {len(plans)} tensors)")
+    return summary
+
+
+def _convert_tensor(checkpoint, plan: TensorPlan, writer, pool, threads, bar) -> None:
+    def job(item):
+        name, start, stop = item
+        return encode_rows(checkpoint.read_rows(name, start, stop), plan.ggml_type)
+
+    in_flight: deque = deque()
+    for item in _work_items(checkpoint, plan):
+        in_flight.append(pool.submit(job, item))
+        if len(in_flight) >= 2 * threads:  # bounded: memory stays a few chunks per thread
+            _drain_one(in_flight, plan, writer, bar)
+    while in_flight:
+        _drain_one(in_flight, plan, writer, bar)
+    bar.advance(items=1)
+
+
+def _drain_one(in_flight, plan, writer, bar) -> None:
+    data = in_flight.popleft().result()
+    writer.write(plan.spec.name, data)
+    bar.advance(data.nbytes)
+
+
+# -- command line -------------------------------------------------------------------------
+
+EPILOG = """types:
+  f32, f16, bf16          unquantized (bf16 copies the checkpoint's weights exactly)
+  q8_0                    8-bit, near lossless (default)
+  q6_k, q5_k, q4_k, q4_0  k-quants and legacy 4-bit, every matrix the same type
+  q4_k_m, q5_k_m          mixes as in llama.cpp: LM head q6_k, fused QKV and ffn_down
+                          on some layers at higher precision
+  Norms, router weights and expert bias stay f32. A matrix whose rows do not divide
+  into the type's blocks falls back to the nearest type that fits (`tide info` lists them).
+
+examples:
+  tide convert ./LLaDA2.0-mini -o llada2-mini-q4_k_m.gguf --type q4_k_m
+  tide convert ./LLaDA2.0-mini -o mini.gguf --type q8_0 --dry-run
+"""
+
+
+def build_parser(prog: str = "tide convert") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Convert a LLaDA2.0 Hugging Face checkpoint (config.json, *.safetensors, tokenizer.json) "
+        "to a GGUF file for tide. Streams in bounded memory: a 206 GB checkpoint converts with a few GB of RAM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory as published on Hugging Face")
+    p.add_argument("-o", "--output", metavar="OUT.gguf", help="output file (default: HF_DIR-TYPE.gguf beside HF_DIR)")
+    p.add_argument("-t", "--type", default="q8_0", choices=list(OUTPUT_TYPES), metavar="TYPE",
+                   help="weight type (default: q8_0; see the list below)")
+    p.add_argument("--threads", type=int, default=None, help="quantization threads (default: CPU cores, at most 8)")
+    p.add_argument("--dry-run", action="store_true", help="print the tensor plan, types and output size; write nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="with --dry-run, list every tensor")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "tide convert") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise OutputPathError("--threads must be at least 1")
+    out = args.output or str(Path(args.hf_dir.rstrip("/\\")).with_name(Path(args.hf_dir.rstrip("/\\")).name + f"-{args.type}.gguf"))
+    summary = convert(args.hf_dir, out, args.type, threads=args.threads, dry_run=args.dry_run)
+    if args.dry_run:
+        print_plan(summary, out, args.type, verbose=args.verbose)
+    return 0
+
+
+def print_plan(summary: dict, out: str, output_type: str, verbose: bool = False) -> None:
+    plans: list[TensorPlan] = summary["plans"]
+    by_type: dict[str, list[int]] = {}
+    for p in plans:
+        nbytes = tensor_nbytes(p.spec.ne, p.ggml_type)
+        entry = by_type.setdefault(p.ggml_type.name, [0, 0])
+        entry[0] += 1
+        entry[1] += nbytes
+        if verbose:
+            print(f"  {p.spec.name:<36} {str(list(p.spec.ne)):<22} {p.ggml_type.name:<6} {human_bytes(nbytes):>10}")
+    print(f"plan for {out} ({output_type}): {summary['tensors']} tensors")
+    for name, (count, nbytes) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:<6} {count:5d} tensors {human_bytes(nbytes):>12}")
+    for note in summary["fallbacks"]:
+        print(f"  fallback {note}")
+    print(f"source {human_bytes(summary['source_bytes'])} -> output {human_bytes(summary['output_bytes'])} "
+          "(dry run: nothing written)")

@@ -1,0 +1,211 @@
+"""Reading a LLaDA2.0 Hugging Face checkpoint directory, validated and in bounded memory.
+
+Safetensors headers are parsed here (not by a library) so that every tensor's byte range
+is checked against its shard before conversion starts: a truncated download is found in
+a second, not after an hour. Tensor data is read with plain file reads in row chunks,
+never mapped whole, so memory stays bounded whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tide_local.errors import CheckpointError, UnsupportedModelError
+from tide_local.llada2 import HF_ARCHITECTURES, HF_MODEL_TYPES, LLaDA2Config, TensorSpec, hf_shape, tensor_specs
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MAX_HEADER = 100 << 20
+
+_DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    path: Path
+    dtype: str  # safetensors dtype: BF16, F16 or F32
+    shape: tuple[int, ...]
+    offset: int  # absolute offset of the data in the shard
+
+    @property
+    def row_bytes(self) -> int:
+        return _DTYPES[self.dtype] * (self.shape[-1] if self.shape else 1)
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read {what}: {err.strerror}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what} is not a JSON object")
+    return value
+
+
+def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
+    """Parse and bounds-check one shard's header."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors header")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    data_start = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for {name}") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; expected BF16, F16 or F32")
+        if any(n < 0 for n in shape) or end - begin != _DTYPES[dtype] * int(np.prod(shape, dtype=np.int64)):
+            raise CheckpointError(f"{path}: tensor {name} has inconsistent size in the header")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} needs {data_start + end:,} bytes, the file has {size:,}"
+            )
+        tensors[name] = SourceTensor(name, path, dtype, shape, data_start + begin)
+    return tensors
+
+
+class HFCheckpoint:
+    """A validated LLaDA2.0 checkpoint directory."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: not a directory (expected a Hugging Face checkpoint folder)")
+        config_path = self.dir / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{self.dir}: no config.json (is this a Hugging Face checkpoint folder?)")
+        self.hf_config = _read_json(config_path, "config.json")
+        self._check_model_type(config_path)
+        try:
+            self.config = LLaDA2Config.from_hf(self.hf_config)
+        except KeyError as err:
+            raise CheckpointError(f"{config_path}: missing field {err.args[0]}") from None
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{config_path}: bad value ({err})") from None
+        problems = self.config.check()
+        if problems:
+            raise CheckpointError(f"{config_path}: {problems[0]}")
+        self.tensors = self._index_tensors()
+        self.specs = tensor_specs(self.config)
+        self._check_tensors()
+        self.tokenizer_path = self.dir / "tokenizer.json"
+        if not self.tokenizer_path.is_file():
+            raise CheckpointError(f"{self.dir}: no tokenizer.json (copy it from the model's repository)")
+        tok_cfg = self.dir / "tokenizer_config.json"
+        self.tokenizer_config = _read_json(tok_cfg, "tokenizer_config.json") if tok_cfg.is_file() else {}
+
+    def _check_model_type(self, config_path: Path) -> None:
+        model_type = self.hf_config.get("model_type")
+        archs = self.hf_config.get("architectures") or []
+        if model_type not in HF_MODEL_TYPES and not set(archs) & set(HF_ARCHITECTURES):
+            found = model_type or (archs[0] if archs else "nothing")
+            raise UnsupportedModelError(
+                f"{config_path}: model_type is '{found}'; this converter reads LLaDA2.0 "
+                f"({HF_MODEL_TYPES[0]}) checkpoints only"
+            )
+        if (self.hf_config.get("expert_capacity") or 0) > 0:
+            raise UnsupportedModelError(
+                f"{config_path}: expert_capacity > 0 means LLaDA2.2 block routing, which is not supported"
+            )
+
+    def _index_tensors(self) -> dict[str, SourceTensor]:
+        index_path = self.dir / INDEX_FILE
+        if index_path.is_file():
+            weight_map = _read_json(index_path, INDEX_FILE).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no weight_map")
+            shards = sorted(set(weight_map.values()))
+        elif (self.dir / SINGLE_FILE).is_file():
+            weight_map, shards = None, [SINGLE_FILE]
+        else:
+            raise CheckpointError(f"{self.dir}: no {INDEX_FILE} and no {SINGLE_FILE}")
+        tensors: dict[str, SourceTensor] = {}
+        for shard in shards:
+            path = self.dir / shard
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{index_path}: shard name '{shard}' is not a plain file name")
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} is missing")
+            tensors.update(read_safetensors_header(path))
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                if name not in tensors or tensors[name].path.name != shard:
+                    raise CheckpointError(f"{self.dir / shard}: tensor {name} listed in the index is not in it")
+        return tensors
+
+    def _check_tensors(self) -> None:
+        for spec in self.specs:
+            expected = hf_shape(spec)
+            for name in spec.hf_names:
+                source = self.tensors.get(name)
+                if source is None:
+                    raise CheckpointError(f"{self.dir}: tensor {name} is missing")
+                if source.shape != expected:
+                    raise CheckpointError(
+                        f"{source.path}: tensor {name} has shape {list(source.shape)}, expected {list(expected)}"
+                    )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.row_bytes * t.n_rows for t in self.tensors.values())
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor as float32 [stop-start, row] (1-D tensors: one row)."""
+        src = self.tensors[name]
+        count = (stop - start) * src.row_bytes
+        with open(src.path, "rb") as f:
+            f.seek(src.offset + start * src.row_bytes)
+            raw = f.read(count)
+        if len(raw) != count:
+            raise CheckpointError(f"{src.path}: truncated while reading {name}")
+        return _to_float32(raw, src.dtype).reshape(stop - start, -1)
+
+    def read_raw_rows(self, name: str, start: int, stop: int) -> bytes:
+        src = self.tensors[name]
+        with open(src.path, "rb") as f:
+            f.seek(src.offset + start * src.row_bytes)
+            return f.read((stop - start) * src.row_bytes)
+
+
+def _to_float32(raw: bytes, dtype: str) -> np.ndarray:
+    if dtype == "F32":
+        return np.frombuffer(raw, dtype="<f4").copy()
+    if dtype == "F16":
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    # bf16 is the top half of a float32
+    return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def source_dtype(checkpoint: HFCheckpoint, spec: TensorSpec) -> str:
+    return checkpoint.tensors[spec.hf_names[0]].dtype

@@ -1,0 +1,227 @@
+"""A bounds-checked, memory-mapped GGUF reader.
+
+GGUF files come from the internet: every count, length, shape and offset is checked
+against the file before it is used, and anything wrong raises `GGUFError` with the
+file name and what is wrong. Tensor data is never copied: `tensor_data` returns views
+of the mapping.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from tide_local.errors import GGUFError
+
+_MAX_DIMS = 4
+_MAX_COUNT = 1 << 24  # tensors / metadata entries / array items
+_MAX_STRING = 1 << 28  # a tokenizer.huggingface.json is tens of MB at most
+
+_SCALARS = {
+    GGUFValueType.UINT8: np.dtype("<u1"), GGUFValueType.INT8: np.dtype("<i1"),
+    GGUFValueType.UINT16: np.dtype("<u2"), GGUFValueType.INT16: np.dtype("<i2"),
+    GGUFValueType.UINT32: np.dtype("<u4"), GGUFValueType.INT32: np.dtype("<i4"),
+    GGUFValueType.UINT64: np.dtype("<u8"), GGUFValueType.INT64: np.dtype("<i8"),
+    GGUFValueType.FLOAT32: np.dtype("<f4"), GGUFValueType.FLOAT64: np.dtype("<f8"),
+    GGUFValueType.BOOL: np.dtype("<u1"),
+}
+
+_NUMPY_TYPES = {
+    GGMLQuantizationType.F32: np.float32,
+    GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.I32: np.int32,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]  # ggml order, innermost first
+    ggml_type: int
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGMLQuantizationType(self.ggml_type).name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy order (outermost first)."""
+        return tuple(reversed(self.ne))
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // max(1, self.n_rows)
+
+    @property
+    def n_rows(self) -> int:
+        rows = 1
+        for n in self.ne[1:]:
+            rows *= n
+        return rows
+
+
+class _Cursor:
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def fail(self, what: str):
+        raise GGUFError(f"{self.path}: malformed GGUF header: {what}")
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            self.fail(f"needs {n} bytes at offset {self.pos} but the file ends at {len(self.buf)}")
+        view = memoryview(self.buf)[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def count(self, what: str) -> int:
+        n = self.unpack("<Q")
+        if n > _MAX_COUNT:
+            self.fail(f"{what} count {n} is implausible")
+        return n
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > _MAX_STRING:
+            self.fail(f"string of {n} bytes at offset {self.pos - 8}")
+        try:
+            return bytes(self.take(n)).decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"invalid UTF-8 string at offset {self.pos - n}")
+
+    def value(self, vtype: int):
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype == GGUFValueType.ARRAY:
+            item_type = self.unpack("<I")
+            n = self.count("array item")
+            if item_type == GGUFValueType.STRING:
+                return [self.string() for _ in range(n)]
+            if item_type not in _SCALARS:
+                self.fail(f"unsupported array item type {item_type}")
+            dtype = _SCALARS[GGUFValueType(item_type)]
+            arr = np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype)
+            return arr.astype(bool) if item_type == GGUFValueType.BOOL else arr.copy()
+        if vtype not in _SCALARS:
+            self.fail(f"unknown metadata value type {vtype}")
+        dtype = _SCALARS[GGUFValueType(vtype)]
+        value = np.frombuffer(self.take(dtype.itemsize), dtype=dtype)[0]
+        if vtype == GGUFValueType.BOOL:
+            return bool(value)
+        return float(value) if dtype.kind == "f" else int(value)
+
+
+class GGUFFile:
+    """An open GGUF file: `metadata` (key → value), `tensors` (name → TensorInfo)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise GGUFError(f"{self.path}: no such file")
+        self.file_size = self.path.stat().st_size
+        if self.file_size < 24:
+            raise GGUFError(f"{self.path}: not a GGUF file ({self.file_size} bytes)")
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._parse()
+        except Exception:
+            self.close()
+            raise
+
+    def _parse(self) -> None:
+        cur = _Cursor(self._mmap, self.path)
+        if bytes(cur.take(4)) != b"GGUF":
+            raise GGUFError(f"{self.path}: not a GGUF file (bad magic)")
+        self.version = cur.unpack("<I")
+        if self.version not in (2, 3):
+            raise GGUFError(f"{self.path}: GGUF version {self.version} is not supported (need 2 or 3)")
+        n_tensors = cur.count("tensor")
+        n_kv = cur.count("metadata")
+        self.metadata: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            self.metadata[key] = cur.value(cur.unpack("<I"))
+        self.alignment = int(self.metadata.get("general.alignment", 32))
+        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
+            cur.fail(f"general.alignment {self.alignment} is not a power of two")
+        raw = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.unpack("<I")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                cur.fail(f"tensor {name} has {n_dims} dimensions")
+            ne = tuple(cur.unpack("<Q") for _ in range(n_dims))
+            ggml_type, offset = cur.unpack("<I"), cur.unpack("<Q")
+            raw.append((name, ne, ggml_type, offset))
+        self.data_offset = (cur.pos + self.alignment - 1) // self.alignment * self.alignment
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, ne, ggml_type, offset in raw:
+            self.tensors[name] = self._check_tensor(name, ne, ggml_type, offset)
+
+    def _check_tensor(self, name, ne, ggml_type, offset) -> TensorInfo:
+        where = f"{self.path}: tensor {name}"
+        if name in self.tensors:
+            raise GGUFError(f"{where} appears twice")
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise GGUFError(f"{where} has unknown type {ggml_type}") from None
+        if any(n <= 0 or n > 1 << 40 for n in ne):
+            raise GGUFError(f"{where} has an invalid shape {list(ne)}")
+        if ne[0] % block:
+            raise GGUFError(f"{where}: row of {ne[0]} does not divide into blocks of {block}")
+        if offset % self.alignment:
+            raise GGUFError(f"{where}: data offset {offset} is not aligned to {self.alignment}")
+        nbytes = ne[0] // block * type_size
+        for n in ne[1:]:
+            nbytes *= n
+        start = self.data_offset + offset
+        if start + nbytes > self.file_size:
+            raise GGUFError(
+                f"{self.path}: truncated: tensor {name} needs bytes up to {start + nbytes:,} "
+                f"but the file has {self.file_size:,}"
+            )
+        return TensorInfo(name, ne, ggml_type, start, nbytes)
+
+    # -- access -----------------------------------------------------------------------
+    def tensor_data(self, name: str) -> np.ndarray:
+        """The raw bytes of a tensor as a read-only uint8 view (no copy)."""
+        t = self.tensors[name]
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+
+    def tensor_array(self, name: str) -> np.ndarray:
+        """An F32/F16/I32 tensor as a numpy view in numpy shape order (no copy)."""
+        t = self.tensors[name]
+        dtype = _NUMPY_TYPES.get(GGMLQuantizationType(t.ggml_type))
+        if dtype is None:
+            raise TypeError(f"{name} is {t.type_name}; dequantize it instead")
+        return self.tensor_data(name).view(dtype).reshape(t.shape)
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def close(self) -> None:
+        if getattr(self, "_mmap", None) is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # numpy views still alive; the mapping goes with them
+            self._mmap = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
