@@ -225,6 +225,9 @@ def test_mmapped_quantized_weights_at_offsets(cpu, tmp_path):
     wctx = ggml.Context(4)
     wt = wctx.new_tensor(T.Q4_K, ne=(k, m, n_exp), name="ffn_up_exps")
     buf.place(wt, header)
+    assert buf.readonly
+    with pytest.raises(ValueError, match="read-only"):
+        wt.set(data)  # would crash the process on a read-only mapping
     with pytest.raises(ValueError, match="already has memory"):
         buf.place(wt, header)
     other = wctx.new_tensor(T.Q4_K, ne=(k, m, n_exp))
@@ -253,6 +256,16 @@ def test_wrap_rejects_misaligned():
     assert buf.size == 128
     buf.free()
     assert repr(buf) == "Buffer(freed)"
+
+
+def test_device_wrap_host_memory_on_cpu_device(cpu):
+    host = ggml.aligned_empty((4, 8), np.float32)
+    host[...] = randn(4, 8)
+    buf = cpu.device.wrap_host_memory(host)
+    ctx = ggml.Context(4)
+    t = ctx.new_tensor(T.F32, shape=(4, 8))
+    buf.place(t, 0)
+    np.testing.assert_array_equal(t.get(), host)
 
 
 def test_device_buffer_slots_via_place(cpu):
@@ -342,3 +355,57 @@ def test_log_modes():
     ggml.set_log_mode("python")
     with pytest.raises(ValueError):
         ggml.set_log_mode("loud")
+
+
+def test_large_graph_sized_automatically():
+    """More nodes than ggml's default graph size (2048), across two contexts: no abort."""
+    # one thread: 2500 tiny nodes are 2500 thread barriers, slow on a loaded 2-core machine
+    cpu = ggml.Backend.cpu(1)
+    a = ggml.Context(8)
+    x = a.new_tensor(T.F32, shape=(4,), input=True)
+    one = a.new_tensor(T.F32, shape=(4,), input=True)
+    ctx = ggml.Context(3000)
+    y = x
+    for _ in range(2500):
+        y = ctx.add(y, one)
+    graph = ctx.build_graph(y)
+    assert graph.n_nodes == 2500 and graph.size >= 2500
+    del a  # ctx keeps the context of x and one alive
+    cpu.compute(graph, {x: np.zeros(4, np.float32), one: np.ones(4, np.float32)})
+    np.testing.assert_array_equal(y.get(), np.full(4, 2500, np.float32))
+
+
+def test_events_unsupported_on_cpu_raise(cpu):
+    if cpu.device.props()["events"]:
+        pytest.skip("this CPU device supports events")
+    with pytest.raises(ValueError, match="events"):
+        ggml.Event(cpu.device)
+
+
+def test_persistent_kv_cache_written_by_set_rows(cpu):
+    """A cache tensor in its own buffer, written by one graph and read by the next."""
+    d, n_cells = 8, 6
+    cache_ctx = ggml.Context(2)
+    cache = cache_ctx.new_tensor(T.F16, ne=(d, n_cells), name="k_cache")
+    buf = cpu.alloc_tensors(cache_ctx)
+    buf.clear(0)
+
+    ctx = ggml.Context(8)
+    k = ctx.new_tensor(T.F32, ne=(d, 2), name="k", input=True)
+    rows = ctx.new_tensor(T.I64, ne=(2,), name="rows", input=True)
+    write = ctx.build_graph(ctx.set_rows(cache, k, rows))
+    kv = randn(2, d)
+    cpu.compute(write, {k: kv, rows: np.array([3, 5], np.int64)})
+
+    rctx = ggml.Context(8)
+    q = rctx.new_tensor(T.F32, ne=(d, 1), name="q", input=True)
+    view = rctx.view(cache, (d, 3), offset=3 * cache.nb[1])  # cells 3..5
+    scores = rctx.mul_mat(view, q)
+    read = rctx.build_graph(scores)
+    qv = randn(1, d)
+    cpu.compute(read, {q: qv})
+    expect_cache = np.zeros((n_cells, d), np.float16)
+    expect_cache[[3, 5]] = kv.astype(np.float16)
+    np.testing.assert_array_equal(cache.get(), expect_cache)
+    ref = qv @ expect_cache[3:6].astype(np.float32).T
+    np.testing.assert_allclose(scores.get(), ref, rtol=2e-3, atol=2e-3)

@@ -394,6 +394,11 @@ _OPTIONAL: dict[str, tuple] = {
 _TYPE_NAME_CHECKS = {0: "f32", 1: "f16", 8: "q8_0", 12: "q4_K", 26: "i32", 30: "bf16", 41: "q1_0"}
 
 
+# Addresses of ggml buffers wrapping read-only host memory (e.g. an mmap opened with
+# ACCESS_READ): writing there would crash the process, so Tensor.set refuses.
+READONLY_BUFFERS: set[int] = set()
+
+
 class _Lib:
     """The loaded libraries: one attribute per declared C function."""
 

@@ -39,6 +39,7 @@ __all__ = [
     "Buffer",
     "BufferType",
     "Device",
+    "Event",
     "GraphAllocator",
     "cpu_buffer_type",
     "devices",
@@ -120,6 +121,21 @@ class Device:
 
     def init(self, params: str | None = None) -> Backend:
         return Backend.from_device(self, params)
+
+    def wrap_host_memory(self, obj, size: int | None = None, *, max_tensor_size: int | None = None, keepalive=None) -> Buffer:
+        """Host memory as a buffer this device can use directly (ggml_backend_dev_buffer_from_host_ptr).
+
+        Only for devices whose ``props()["buffer_from_host_ptr"]`` is true (the CPU;
+        some integrated GPUs). Same argument rules as :func:`wrap_host_memory`.
+        """
+        if not self.props()["buffer_from_host_ptr"]:
+            raise ValueError(f"{self.name} cannot use host memory directly")
+        addr, n, owner, readonly = _host_address(obj, size)
+        _check_alignment(addr)
+        ptr = _L().ggml_backend_dev_buffer_from_host_ptr(self.ptr, addr, n, int(max_tensor_size or n))
+        if not ptr:
+            raise MemoryError(f"{self.name}: cannot wrap {n} bytes of host memory")
+        return Buffer(ptr, owner=(owner, keepalive) if keepalive is not None else owner, readonly=readonly)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Device) and other.ptr == self.ptr
@@ -207,10 +223,13 @@ class Buffer:
     buffer exists.
     """
 
-    def __init__(self, ptr: int, owner=None):
+    def __init__(self, ptr: int, owner=None, readonly: bool = False):
         self.ptr: int | None = ptr
         self.owner = owner
+        self.readonly = readonly
         self._lib = _L()
+        if readonly:
+            _lib.READONLY_BUFFERS.add(ptr)
 
     def _p(self) -> int:
         if self.ptr is None:
@@ -249,6 +268,8 @@ class Buffer:
 
     def clear(self, value: int = 0) -> None:
         """Fill the whole buffer with a byte value."""
+        if self.readonly:
+            raise ValueError("cannot clear a buffer over read-only memory")
         self._lib.ggml_backend_buffer_clear(self._p(), int(value))
 
     def alloc_size(self, tensor: Tensor) -> int:
@@ -278,6 +299,7 @@ class Buffer:
     def free(self) -> None:
         """Free now. Tensors placed in this buffer must not be used afterwards."""
         if self.ptr is not None:
+            _lib.READONLY_BUFFERS.discard(self.ptr)
             self._lib.ggml_backend_buffer_free(self.ptr)
             self.ptr = None
         self.owner = None
@@ -300,11 +322,12 @@ class Buffer:
         return f"Buffer({self.name!r}, {self.size} bytes)"
 
 
-def _host_address(obj, size: int | None) -> tuple[int, int, object]:
+def _host_address(obj, size: int | None) -> tuple[int, int, object, bool]:
+    """(address, size, owner, readonly) of host memory given as array/buffer/address."""
     if isinstance(obj, int):
         if size is None:
             raise ValueError("wrapping a raw address needs size=")
-        return obj, int(size), None
+        return obj, int(size), None, False
     if isinstance(obj, np.ndarray):
         arr = obj
     else:
@@ -317,7 +340,7 @@ def _host_address(obj, size: int | None) -> tuple[int, int, object]:
     n = arr.nbytes if size is None else int(size)
     if n > arr.nbytes:
         raise ValueError(f"size {n} exceeds the object's {arr.nbytes} bytes")
-    return arr.ctypes.data, n, arr
+    return arr.ctypes.data, n, arr, not arr.flags.writeable
 
 
 def wrap_host_memory(obj, size: int | None = None, *, keepalive=None) -> Buffer:
@@ -330,16 +353,20 @@ def wrap_host_memory(obj, size: int | None = None, *, keepalive=None) -> Buffer:
     with :meth:`Buffer.place`. The buffer keeps ``obj`` alive; closing an mmap that is
     still wrapped raises ``BufferError``.
     """
-    addr, n, owner = _host_address(obj, size)
+    addr, n, owner, readonly = _host_address(obj, size)
+    _check_alignment(addr)
+    ptr = _L().ggml_backend_cpu_buffer_from_ptr(addr, n)
+    if not ptr:
+        raise MemoryError("ggml_backend_cpu_buffer_from_ptr failed")
+    return Buffer(ptr, owner=(owner, keepalive) if keepalive is not None else owner, readonly=readonly)
+
+
+def _check_alignment(addr: int) -> None:
     if addr % _lib.TENSOR_ALIGNMENT:
         raise ValueError(
             f"host memory at {addr:#x} is not {_lib.TENSOR_ALIGNMENT}-byte aligned (ggml requires it); "
             "use an aligned array (tide_local.ggml.aligned_empty) or an mmap"
         )
-    ptr = _L().ggml_backend_cpu_buffer_from_ptr(addr, n)
-    if not ptr:
-        raise MemoryError("ggml_backend_cpu_buffer_from_ptr failed")
-    return Buffer(ptr, owner=(owner, keepalive) if keepalive is not None else owner)
 
 
 def aligned_empty(shape, dtype=np.uint8, alignment: int = 64) -> np.ndarray:
@@ -350,6 +377,39 @@ def aligned_empty(shape, dtype=np.uint8, alignment: int = 64) -> np.ndarray:
     raw = np.empty(n + alignment, dtype=np.uint8)
     start = (-raw.ctypes.data) % alignment
     return raw[start : start + n].view(dtype).reshape(shape)
+
+
+class Event:
+    """A device event for ordering work between backends (only on devices with ``events`` in props)."""
+
+    def __init__(self, device: Device):
+        self._lib = _L()
+        self.ptr: int | None = self._lib.ggml_backend_event_new(device.ptr)
+        if not self.ptr:
+            raise ValueError(f"{device.name} does not support events")
+
+    def record(self, backend: Backend) -> None:
+        """Mark the current end of ``backend``'s queue."""
+        self._lib.ggml_backend_event_record(self.ptr, backend._p())
+
+    def synchronize(self) -> None:
+        """Block the host until the recorded point is reached."""
+        self._lib.ggml_backend_event_synchronize(self.ptr)
+
+    def wait(self, backend: Backend) -> None:
+        """Make ``backend`` wait (on the device) for the recorded point."""
+        self._lib.ggml_backend_event_wait(backend._p(), self.ptr)
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            self._lib.ggml_backend_event_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 # --------------------------------------------------------------------------- graph allocator

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from tide_local.ggml import _lib
-from tide_local.ggml.quant import GGMLType, numpy_dtype, type_name
+from tide_local.ggml.quant import GGMLType, _check_type, numpy_dtype, type_name
 
 __all__ = ["Context", "Graph", "Tensor"]
 
@@ -184,6 +184,8 @@ class Tensor:
         """
         arr = self._as_source(array, offset)
         self._ensure_data()
+        if _lib.READONLY_BUFFERS and self.buffer in _lib.READONLY_BUFFERS:
+            raise ValueError(f"{self!r} lives in read-only memory (a read-only mmap)")
         if not self.is_contiguous:
             raise ValueError(f"{self!r} is not contiguous; write through a contiguous tensor")
         off = offset or 0
@@ -232,6 +234,12 @@ class Tensor:
         row = L.ggml_row_size(self.dtype, self.ne[0])
         return tuple(reversed(self.ne[1 : max(self.ndim, 1)])) + (row,)
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Tensor) and other.ptr == self.ptr
+
+    def __hash__(self) -> int:
+        return hash(self.ptr)
+
     def __repr__(self) -> str:
         try:
             name = self.name
@@ -262,7 +270,7 @@ class Context:
         self.n_tensors = 0
         self._n_ops = 0  # tensors made by ops (graph nodes)
         self._n_leaf = 0  # tensors made by new_tensor (graph leaves)
-        self._n_foreign = 0  # uses of tensors from other contexts (upper bound)
+        self._deps: dict[int, Context] = {}  # contexts whose tensors our ops use (kept alive)
         self._keep: dict[int, object] = {}  # buffers/allocators holding this context's tensor data
 
     # ---- lifetime
@@ -308,7 +316,7 @@ class Context:
     def _use(self, *ts: Tensor) -> None:
         for t in ts:
             if t.ctx is not self:
-                self._n_foreign += 1
+                self._deps[id(t.ctx)] = t.ctx
 
     # ---- tensor creation
     def new_tensor(
@@ -329,11 +337,9 @@ class Context:
         dims = [int(x) for x in (ne if ne is not None else reversed(tuple(shape)))]
         if not 1 <= len(dims) <= 4 or any(d < 0 for d in dims):
             raise ValueError(f"bad tensor dimensions {dims} (1 to 4 non-negative sizes)")
-        t = int(dtype)
+        t = _check_type(dtype)
         L = self._lib
-        blck = L.ggml_blck_size(t) if 0 <= t < 64 else 0
-        if blck == 0:
-            raise ValueError(f"unknown ggml type {dtype!r}")
+        blck = L.ggml_blck_size(t)
         if dims[0] % blck:
             raise ValueError(f"ne[0]={dims[0]} is not a multiple of {type_name(t)}'s block size {blck}")
         self._room()
@@ -812,9 +818,22 @@ class Context:
         """Graph computing ``outputs`` (each marked as a graph output)."""
         return Graph(outputs, size=size)
 
-    def graph_size_bound(self) -> int:
-        """Upper bound on nodes/leaves of any graph over this context's tensors."""
-        return max(self._n_ops + self._n_foreign, self._n_leaf + self._n_foreign, 16)
+    def reachable_contexts(self) -> list[Context]:
+        """This context and every context whose tensors its ops used, transitively."""
+        seen: dict[int, Context] = {}
+        stack = [self]
+        while stack:
+            c = stack.pop()
+            if id(c) not in seen:
+                seen[id(c)] = c
+                stack.extend(c._deps.values())
+        return list(seen.values())
+
+    @staticmethod
+    def graph_size_bound(contexts: Iterable[Context]) -> int:
+        """Upper bound on the nodes (op results) and leaves (new tensors) of any graph over these contexts."""
+        contexts = list(contexts)
+        return max(sum(c._n_ops for c in contexts), sum(c._n_leaf for c in contexts), 16)
 
     def __repr__(self) -> str:
         return f"Context({self.n_tensors}/{self.max_tensors} tensors{'' if self.ptr else ', freed'})"
@@ -823,8 +842,9 @@ class Context:
 class Graph:
     """A forward graph for some output tensors. Reusable: recompute after changing inputs.
 
-    The graph lives in its own small ggml context sized from ``size`` (default: a
-    bound derived from the tensors' contexts, so ggml cannot run out of node slots).
+    The graph lives in its own small ggml context sized from ``size`` (default: the
+    number of tensors in every context the outputs depend on, so ggml cannot run out
+    of node slots).
     """
 
     def __init__(self, outputs: Iterable[Tensor], size: int | None = None):
@@ -835,7 +855,8 @@ class Graph:
         for c in ctxs.values():
             c._check_alive()
         if size is None:
-            size = max(_lib.GGML_DEFAULT_GRAPH_SIZE, sum(c.graph_size_bound() for c in ctxs.values()))
+            reach = {id(r): r for c in ctxs.values() for r in c.reachable_contexts()}
+            size = max(_lib.GGML_DEFAULT_GRAPH_SIZE, Context.graph_size_bound(reach.values()))
         L = _L()
         self._lib = L
         self.size = int(size)
