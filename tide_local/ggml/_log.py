@@ -8,6 +8,7 @@ everything, ``"stderr"`` restores ggml's own printing to stderr.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 
@@ -61,8 +62,15 @@ def _apply(lib, mode: str) -> None:
     _state["mode"] = mode
 
 
+def _at_exit() -> None:
+    # No Python callbacks from C while the interpreter shuts down.
+    if _lib.is_loaded():
+        _lib.load().ggml_log_set(_STDERR, None)
+
+
 def install_default(lib) -> None:
     _apply(lib, _state["mode"])
+    atexit.register(_at_exit)
 
 
 def set_log_mode(mode: str) -> None:
