@@ -1,0 +1,21 @@
+"""Block-diffusion decoding for LLaDA2.0 (pure numpy, independent of how logits are computed).
+
+:func:`iter_decode` / :func:`decode` drive a :class:`BlockModel` (a model with a cache of finished
+blocks); :class:`WindowModel` adapts a cache-free whole-window logits function to it.
+"""
+
+from .blockmodel import BlockModel, WindowModel
+from .decoder import BlockEvent, DecodeOptions, DecodeResult, StepEvent, decode, iter_decode
+from .sampling import transfer_schedule
+
+__all__ = [
+    "BlockModel",
+    "WindowModel",
+    "DecodeOptions",
+    "StepEvent",
+    "BlockEvent",
+    "DecodeResult",
+    "decode",
+    "iter_decode",
+    "transfer_schedule",
+]
