@@ -1,0 +1,289 @@
+"""The LLaDA2.0 forward as ggml graphs, with a block KV cache.
+
+Reads like the model (spec §3): embedding; per layer RMSNorm, fused QKV, per-head
+QK-norm, partial NeoX RoPE, GQA attention under the block-causal mask, output
+projection, residual; FFN dense (first layers) or MoE (router → host selection →
+experts via mul_mat_id, plus the shared expert); final norm; LM head on the rows
+that need logits.
+
+A forward over T tokens at absolute positions [start, start+T) is one *pass*. It
+attends to the cache [0, start) and to itself, and writes its own K/V into the cache
+at [start, start+T) as it goes (a block's slots are scratch until the block is final;
+its last write is the one with its final tokens). Because the router's choice is made
+on the host, a pass is a chain of graphs cut at each MoE layer's routing:
+
+    graph 0:  embed → dense layers → attention of the first MoE layer → router logits
+    graph k:  experts of MoE layer k-1 → attention of MoE layer k → router logits
+    last:     experts of the last layer → final norm
+    LM head:  final hidden rows → logits, built per row count
+
+Activations cross graphs through small persistent tensors (ping-pong pairs). Graphs
+are built once per (T, start) and reused for every denoising step of a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tide_local import ggml
+from tide_local.llada2 import LLaDA2Config
+from tide_local.model.router import Routing, route
+from tide_local.model.weights import LayerWeights, Weights
+
+F32, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.I32)
+CACHE_GRANULE = 512  # KV cache capacity grows in steps of this many positions
+
+
+def block_causal_mask(start: int, n_tokens: int, block_length: int) -> np.ndarray:
+    """Additive mask [n_tokens, start + n_tokens]: query i (position start+i) sees key j
+    iff block(j) <= block(start+i)."""
+    q_block = (start + np.arange(n_tokens)) // block_length
+    k_block = np.arange(start + n_tokens) // block_length
+    return np.where(k_block[None, :] <= q_block[:, None], 0.0, -np.inf).astype(np.float32)
+
+
+class KVCache:
+    """Per layer K [head_dim, n_kv, capacity] and V stored transposed [capacity, head_dim·n_kv], f32."""
+
+    def __init__(self, backend: ggml.Backend, cfg: LLaDA2Config, capacity: int):
+        self.capacity = capacity
+        self.context = ggml.Context(max_tensors=2 * cfg.n_layers + 2)
+        self.k = [self.context.new_tensor(F32, ne=(cfg.head_dim, cfg.n_kv_heads, capacity)) for _ in range(cfg.n_layers)]
+        self.v = [self.context.new_tensor(F32, ne=(capacity, cfg.head_dim * cfg.n_kv_heads)) for _ in range(cfg.n_layers)]
+        self.buffer = backend.alloc_tensors(self.context)
+        self.buffer.clear(0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.size
+
+
+@dataclass
+class _Segment:
+    graph: ggml.Graph
+    moe_layer: int | None  # the MoE layer whose experts this graph runs first (None for graph 0)
+    routed_layer: int | None = None  # the MoE layer whose router logits this graph ends with
+    router_logits: ggml.Tensor | None = None  # read by the host to route `routed_layer`
+
+
+class Pass:
+    """The graphs of one forward shape: T tokens at positions [start, start+T)."""
+
+    def __init__(self, model: "LLaDA2Model", n_tokens: int, start: int):
+        self.model, self.n_tokens, self.start = model, n_tokens, start
+        cfg, T = model.config, n_tokens
+        self.ctx = ctx = ggml.Context(max_tensors=64 + 64 * cfg.n_layers)
+        # persistent inputs and the activations that cross graphs
+        self.tokens = ctx.new_tensor(I32, ne=(T,), name="tokens")
+        self.positions = ctx.new_tensor(I32, ne=(T,), name="positions")
+        self.mask = ctx.new_tensor(F32, ne=(start + T, T), name="mask")
+        self.h = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
+        self.x = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
+        self.final = ctx.new_tensor(F32, ne=(cfg.hidden_size, T), name="final")
+        self.expert_ids = {}
+        self.expert_weights = {}
+        for layer in cfg.moe_layers:
+            self.expert_ids[layer] = ctx.new_tensor(I32, ne=(cfg.n_experts_used, T))
+            self.expert_weights[layer] = ctx.new_tensor(F32, ne=(1, cfg.n_experts_used, T))
+        self.state_buffer = model.backend.alloc_tensors(ctx)
+        self.positions.set(np.arange(start, start + T, dtype=np.int32))
+        self.mask.set(block_causal_mask(start, T, model.block_length))
+        self.segments = self._build()
+        self._lm_heads: dict[int, tuple[ggml.Graph, ggml.Tensor, ggml.Tensor]] = {}
+        self.graphs = [seg.graph for seg in self.segments]
+        # the largest LM head is reserved with the segments so smaller ones never grow the buffer
+        self._lm_head(n_tokens, bind=False)
+        model.bind(self.graphs)
+
+    # -- graph construction ---------------------------------------------------------------
+    def _build(self) -> list[_Segment]:
+        m, cfg, ctx = self.model, self.model.config, self.ctx
+        moe = list(cfg.moe_layers)
+        segments = []
+        # graph 0: embedding, dense layers, attention (+ router) of the first MoE layer
+        outputs: list[ggml.Tensor] = []
+        h = ctx.get_rows(m.weights.token_embd, self.tokens)
+        for i in range(cfg.n_dense_layers):
+            h = self._attention(h, i, outputs)
+            h = ctx.add(h, self._dense_ffn(self._norm(h, m.weights.layers[i].ffn_norm), m.weights.layers[i]))
+        if not moe:  # a model without MoE layers: the whole forward is one graph
+            outputs.append(ctx.cpy(self._final_norm(h), self.final))
+            return [_Segment(ctx.build_graph(*outputs), None)]
+        segments.append(self._attention_segment(h, moe[0], outputs, slot=0, moe_layer=None))
+        # graph k: experts of moe[k-1], then attention of moe[k]
+        for k in range(1, len(moe)):
+            outputs = []
+            h = self._moe_ffn_from_state(moe[k - 1], slot=(k - 1) % 2)
+            segments.append(self._attention_segment(h, moe[k], outputs, slot=k % 2, moe_layer=moe[k - 1]))
+        h = self._moe_ffn_from_state(moe[-1], slot=(len(moe) - 1) % 2)
+        final = ctx.cpy(self._final_norm(h), self.final)
+        segments.append(_Segment(ctx.build_graph(final), moe[-1]))
+        return segments
+
+    def _attention_segment(self, h, layer: int, outputs: list, slot: int, moe_layer: int | None) -> _Segment:
+        """attention of `layer` on h, then its FFN input and router logits; state goes to `slot`."""
+        ctx, lw = self.ctx, self.model.weights.layers[layer]
+        h = self._attention(h, layer, outputs)
+        x = self._norm(h, lw.ffn_norm)
+        logits = ctx.mul_mat(lw.router, x)  # [n_experts, T], f32 router (weights stored f32)
+        outputs += [ctx.cpy(h, self.h[slot]), ctx.cpy(x, self.x[slot]), logits]
+        return _Segment(ctx.build_graph(*outputs), moe_layer, layer, logits)
+
+    def _norm(self, x, weight):
+        return self.ctx.mul(self.ctx.rms_norm(x, self.model.config.rms_eps), weight)
+
+    def _final_norm(self, h):
+        return self._norm(h, self.model.weights.output_norm)
+
+    def _attention(self, h, layer: int, outputs: list):
+        """h + attention(RMSNorm(h)); appends the K/V cache writes to `outputs` (they must run first)."""
+        ctx, cfg, m = self.ctx, self.model.config, self.model
+        lw: LayerWeights = m.weights.layers[layer]
+        T, start, hd, nh, nkv = self.n_tokens, self.start, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        x = self._norm(h, lw.attn_norm)
+        qkv = ctx.mul_mat(lw.attn_qkv, x)  # [(nh + 2 nkv)·hd, T]: Q heads, K heads, V heads
+        row = qkv.nb[1]
+        q = ctx.cont(ctx.view(qkv, (hd, nh, T), (hd * 4, row), 0))
+        k = ctx.cont(ctx.view(qkv, (hd, nkv, T), (hd * 4, row), nh * hd * 4))
+        v = ctx.view(qkv, (hd * nkv, T), (row,), (nh + nkv) * hd * 4)
+        # QK-norm per head, before RoPE; partial NeoX RoPE on the first rotary_dim dims
+        q = ctx.mul(ctx.rms_norm(q, cfg.rms_eps), lw.attn_q_norm)
+        k = ctx.mul(ctx.rms_norm(k, cfg.rms_eps), lw.attn_k_norm)
+        q = ctx.rope(q, self.positions, cfg.rotary_dim, neox=True, freq_base=cfg.rope_theta, n_ctx_orig=cfg.context_length)
+        k = ctx.rope(k, self.positions, cfg.rotary_dim, neox=True, freq_base=cfg.rope_theta, n_ctx_orig=cfg.context_length)
+        # this pass's K/V into the cache at [start, start+T)
+        cache = m.cache
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        k_slot = ctx.view(k_cache, (hd, nkv, T), (hd * 4, hd * nkv * 4), start * hd * nkv * 4)
+        v_slot = ctx.view(v_cache, (T, hd * nkv), (cache.capacity * 4,), start * 4)
+        outputs.append(ctx.cpy(k, k_slot))
+        outputs.append(ctx.cpy(ctx.transpose(v), v_slot))
+        # attend to [0, start+T)
+        n_kv = start + T
+        keys = ctx.permute(ctx.view(k_cache, (hd, nkv, n_kv), (hd * 4, hd * nkv * 4), 0), 0, 2, 1, 3)  # [hd, n_kv, nkv]
+        values = ctx.view(v_cache, (n_kv, hd, nkv), (cache.capacity * 4, cache.capacity * hd * 4), 0)  # [n_kv, hd, nkv]
+        scores = ctx.mul_mat(keys, ctx.permute(q, 0, 2, 1, 3))  # [n_kv, T, nh]; query head j uses kv head j // (nh/nkv)
+        probs = ctx.soft_max(scores, self.mask, scale=1.0 / np.sqrt(hd))
+        out = ctx.mul_mat(values, probs)  # [hd, T, nh]
+        out = ctx.reshape(ctx.cont(ctx.permute(out, 0, 2, 1, 3)), hd * nh, T)
+        return ctx.add(h, ctx.mul_mat(lw.attn_output, out))
+
+    def _dense_ffn(self, x, lw: LayerWeights):
+        ctx = self.ctx
+        return ctx.mul_mat(lw.ffn_down, ctx.mul(ctx.silu(ctx.mul_mat(lw.ffn_gate, x)), ctx.mul_mat(lw.ffn_up, x)))
+
+    def _moe_ffn_from_state(self, layer: int, slot: int):
+        """h + Σ_k w_k·expert_k(x) + shared(x), reading h and x from the state of `slot`."""
+        ctx, cfg, lw = self.ctx, self.model.config, self.model.weights.layers[layer]
+        T, K = self.n_tokens, cfg.n_experts_used
+        h, x = self.h[slot], self.x[slot]
+        ids, weights = self.expert_ids[layer], self.expert_weights[layer]
+        xr = ctx.reshape(x, cfg.hidden_size, 1, T)
+        gate = ctx.mul_mat_id(lw.experts["gate"], xr, ids)  # [M, K, T]
+        up = ctx.mul_mat_id(lw.experts["up"], xr, ids)
+        act = ctx.mul(ctx.mul(ctx.silu(gate), up), weights)  # the routing weight, applied before the (linear) down
+        down = ctx.mul_mat_id(lw.experts["down"], act, ids)  # [H, K, T]
+        out = ctx.view(down, (cfg.hidden_size, T), (down.nb[2],), 0)
+        for j in range(1, K):
+            out = ctx.add(out, ctx.view(down, (cfg.hidden_size, T), (down.nb[2],), j * down.nb[1]))
+        if lw.shared_gate is not None:
+            shared = ctx.mul(ctx.silu(ctx.mul_mat(lw.shared_gate, x)), ctx.mul_mat(lw.shared_up, x))
+            out = ctx.add(out, ctx.mul_mat(lw.shared_down, shared))
+        return ctx.add(h, out)
+
+    def _lm_head(self, n_rows: int, bind: bool = True):
+        if n_rows not in self._lm_heads:
+            ctx = ggml.Context(max_tensors=8)
+            rows = ctx.new_tensor(I32, ne=(n_rows,), name="rows", input=True)
+            logits = ctx.mul_mat(self.model.weights.output, ctx.get_rows(self.final, rows))
+            graph = ctx.build_graph(logits)
+            self._lm_heads[n_rows] = (graph, rows, logits)
+            self.graphs.append(graph)
+            if bind:
+                self.model.bind([graph])
+        return self._lm_heads[n_rows]
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, tokens: np.ndarray, rows: np.ndarray | None, on_routing=None) -> np.ndarray | None:
+        """Forward `tokens`; returns logits [len(rows), vocab] (None when rows is None)."""
+        m, cfg = self.model, self.model.config
+        backend = m.backend
+        self.tokens.set(np.asarray(tokens, dtype=np.int32))
+        for seg in self.segments:
+            if seg.moe_layer is not None:
+                r = m.pending_routing[seg.moe_layer]
+                self.expert_ids[seg.moe_layer].set(r.experts)
+                self.expert_weights[seg.moe_layer].set(r.weights)
+            backend.compute(seg.graph)
+            if seg.router_logits is not None:
+                layer = seg.routed_layer
+                lw = m.weights.layers[layer]
+                r = route(seg.router_logits.get().reshape(self.n_tokens, cfg.n_experts), lw.expert_bias,
+                          n_used=cfg.n_experts_used, n_groups=cfg.n_groups, n_groups_used=cfg.n_groups_used,
+                          scale=cfg.routed_scaling_factor)
+                m.pending_routing[layer] = r
+                if on_routing is not None:
+                    on_routing(layer, r)
+        if rows is None:
+            return None
+        rows = np.asarray(rows, dtype=np.int32)
+        graph, rows_t, logits = self._lm_head(len(rows))
+        backend.compute(graph, {rows_t: rows})
+        return logits.get()
+
+
+class LLaDA2Model:
+    """The forward of one loaded model on one backend, with its KV cache and pass cache."""
+
+    def __init__(self, model_file, backend: ggml.Backend, block_length: int = 32):
+        self.file = model_file
+        self.config: LLaDA2Config = model_file.config
+        self.backend = backend
+        self.block_length = block_length
+        self.weights = Weights(model_file)
+        self.allocator = ggml.GraphAllocator(backend)
+        self.cache: KVCache | None = None
+        self._passes: dict[tuple[int, int], Pass] = {}
+        self.pending_routing: dict[int, Routing] = {}
+
+    def bind(self, graphs: list[ggml.Graph]) -> None:
+        """Give `graphs` fixed addresses in the shared compute buffer.
+
+        ggml's allocator assigns a node its address once and never moves it, and frees
+        the buffer when a larger graph needs more. So all graphs of a pass are reserved
+        first (the buffer reaches its final size), then allocated; if the buffer grew,
+        the passes bound earlier point into freed memory and are dropped.
+        """
+        size = self.allocator.size
+        for g in graphs:
+            self.allocator.reserve(g)
+        grown = self.allocator.size != size
+        for g in graphs:
+            g.allocate(self.allocator)
+        if grown:
+            current = {id(g) for g in graphs}
+            self._passes = {k: p for k, p in self._passes.items() if any(id(g) in current for g in p.graphs)}
+
+    def ensure_capacity(self, n_positions: int) -> None:
+        if n_positions > self.config.context_length:
+            raise ValueError(f"{n_positions} positions exceed the model's context of {self.config.context_length}")
+        if self.cache is None or self.cache.capacity < n_positions:
+            capacity = min(self.config.context_length, -(-n_positions // CACHE_GRANULE) * CACHE_GRANULE)
+            self._passes.clear()  # graphs hold views of the old cache
+            self.cache = None
+            self.cache = KVCache(self.backend, self.config, capacity)
+
+    def forward(self, tokens, start: int, rows=None, on_routing=None) -> np.ndarray | None:
+        """One pass: tokens at positions [start, start+T), attending to the cache [0, start).
+        Writes their K/V into the cache; returns logits of `rows` (indices into tokens)."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        self.ensure_capacity(start + len(tokens))
+        key = (len(tokens), start)
+        p = self._passes.get(key)
+        if p is None:
+            if len(self._passes) > 8:
+                self._passes.clear()
+            p = self._passes[key] = Pass(self, len(tokens), start)
+        return p.run(tokens, rows, on_routing)

@@ -1,0 +1,77 @@
+"""The model's weights as ggml tensors over the memory-mapped GGUF, without copying.
+
+The whole file is wrapped as one CPU backend buffer and every tensor is placed at its
+offset in it: loading costs nothing but the mapping, and the OS pages weights in as
+they are used. Small f32 tensors the host needs (expert bias) are numpy views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tide_local import ggml, llada2
+from tide_local.modelfile import ModelFile
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: ggml.Tensor
+    attn_qkv: ggml.Tensor
+    attn_q_norm: ggml.Tensor
+    attn_k_norm: ggml.Tensor
+    attn_output: ggml.Tensor
+    ffn_norm: ggml.Tensor
+    # dense layers
+    ffn_gate: ggml.Tensor | None = None
+    ffn_up: ggml.Tensor | None = None
+    ffn_down: ggml.Tensor | None = None
+    # MoE layers
+    router: ggml.Tensor | None = None
+    expert_bias: np.ndarray | None = None  # host copy: selection runs on the host
+    experts: dict[str, ggml.Tensor] = field(default_factory=dict)  # gate/up/down stacks
+    shared_gate: ggml.Tensor | None = None
+    shared_up: ggml.Tensor | None = None
+    shared_down: ggml.Tensor | None = None
+
+
+class Weights:
+    def __init__(self, model: ModelFile):
+        g = model.gguf
+        self.context = ggml.Context(max_tensors=len(g.tensors) + 8)
+        self.buffer = ggml.wrap_host_memory(g._mmap)
+        self.tensors: dict[str, ggml.Tensor] = {}
+        for name, info in g.tensors.items():
+            t = self.context.new_tensor(info.ggml_type, ne=info.ne, name=name[:63])
+            self.buffer.place(t, info.offset)
+            self.tensors[name] = t
+        cfg = model.config
+        get = self.tensors.__getitem__
+        self.token_embd = get("token_embd.weight")
+        self.output_norm = get("output_norm.weight")
+        self.output = get("output.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            layer = LayerWeights(
+                attn_norm=get(p + "attn_norm.weight"),
+                attn_qkv=get(p + "attn_qkv.weight"),
+                attn_q_norm=get(p + "attn_q_norm.weight"),
+                attn_k_norm=get(p + "attn_k_norm.weight"),
+                attn_output=get(p + "attn_output.weight"),
+                ffn_norm=get(p + "ffn_norm.weight"),
+            )
+            if cfg.is_moe_layer(i):
+                layer.router = get(p + "ffn_gate_inp.weight")
+                layer.expert_bias = np.array(g.tensor_array(p + "exp_probs_b.bias"), dtype=np.float32)
+                layer.experts = {proj: get(llada2.expert_tensor_name(i, proj)) for proj in llada2.EXPERT_PROJECTIONS}
+                if cfg.n_shared_experts:
+                    layer.shared_gate = get(p + "ffn_gate_shexp.weight")
+                    layer.shared_up = get(p + "ffn_up_shexp.weight")
+                    layer.shared_down = get(p + "ffn_down_shexp.weight")
+            else:
+                layer.ffn_gate = get(p + "ffn_gate.weight")
+                layer.ffn_up = get(p + "ffn_up.weight")
+                layer.ffn_down = get(p + "ffn_down.weight")
+            self.layers.append(layer)
