@@ -39,6 +39,12 @@ class CachedBlockModel:
         self.model = model
         self.block_length = block_length
         self.forwards = 0
+        self.forwarded_tokens = 0
+
+    def _forward(self, tokens, start, rows=None):
+        self.forwards += 1
+        self.forwarded_tokens += len(tokens)
+        return self.model.forward(tokens, start, rows=rows)
 
     def prefill(self, tokens: np.ndarray) -> None:
         cfg, n = self.model.config, len(tokens)
@@ -49,16 +55,13 @@ class CachedBlockModel:
         chunk = PREFILL_SCORE_BYTES // (4 * cfg.n_heads * n)
         chunk = max(self.block_length, min(512, chunk) // self.block_length * self.block_length)
         for start in range(0, n, chunk):
-            self.model.forward(tokens[start:start + chunk], start)
-            self.forwards += 1
+            self._forward(tokens[start:start + chunk], start)
 
     def block_logits(self, block: np.ndarray, start: int, rows: np.ndarray) -> np.ndarray:
-        self.forwards += 1
-        return self.model.forward(block, start, rows=rows)
+        return self._forward(block, start, rows)
 
     def commit_block(self, block: np.ndarray, start: int) -> None:
-        self.forwards += 1
-        self.model.forward(block, start)
+        self._forward(block, start)
 
 
 class Engine:
@@ -139,6 +142,7 @@ class Engine:
             if isinstance(event, DecodeResult):
                 stats = dict(event.stats)
                 stats["forwards"] = block_model.forwards
+                stats["forwarded_tokens"] = block_model.forwarded_tokens
                 stats["wall_seconds"] = time.perf_counter() - start
                 stats["kv_cache"] = kv_cache
                 yield GenerationResult(event.tokens, self.tokenizer.decode(event.tokens), stats)
