@@ -16,6 +16,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from tide_local import ggml
+from tide_local.errors import TideError
+from tide_local.experts.memory import BudgetError, MemoryPlan, budget_for_slots, parse_memory, plan_memory
+from tide_local.experts.offload import ExpertOffload
+from tide_local.experts.policies import POLICIES, make_policy
 from tide_local.diffusion import BlockEvent, DecodeOptions, DecodeResult, StepEvent, WindowModel, iter_decode
 from tide_local.model.llada2 import LLaDA2Model
 from tide_local.modelfile import ModelFile
@@ -64,8 +68,40 @@ class CachedBlockModel:
         self._forward(block, start)
 
 
+DEFAULT_TAU = 4  # until the planner chooses it ("auto")
+DEFAULT_CONTEXT = 4096
+
+
+class DeviceError(TideError):
+    """The requested device does not exist in the loaded libggml."""
+
+
+def _resolve_device(device: str, threads: int):
+    """(device backend or None for CPU-only, a label)."""
+    if device == "cpu":
+        return None, "cpu"
+    if device == "emulated":
+        # a second CPU backend standing in for an accelerator (tests and studies)
+        return ggml.Backend.cpu(max(1, threads // 2)), "emulated"
+    if device == "auto":
+        backend = ggml.Backend.best_accelerator()
+        return (backend, backend.name) if backend is not None else (None, "cpu")
+    names = [d.name for d in ggml.accelerator_devices()]
+    if device not in names:
+        raise DeviceError(
+            f"no device '{device}' (accelerators in this libggml: {', '.join(names) or 'none'}; "
+            "use device='cpu', 'auto' or 'emulated', or point TIDE_GGML_LIB_DIR at a GPU build)"
+        )
+    backend = ggml.Backend.from_device(device)
+    return backend, backend.name
+
+
 class Engine:
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, device: str = "auto", gpu_memory=None, policy: str = "tide",
+                 tau="auto", threads: int | None = None, n_ctx: int | None = None, expert_slots: int | None = None,
+                 popularity: dict[int, np.ndarray] | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy '{policy}' (choose from {', '.join(POLICIES)})")
         self.file = ModelFile(path)
         self.config = self.file.config
         self.tokenizer = Tokenizer.from_gguf(self.file.gguf)
@@ -73,8 +109,52 @@ class Engine:
         self.mask_id, self.eos_id = ids["mask"], ids["eos"]
         self.role_end_id = ids.get("role_end")
         self.defaults = self.file.decoding_defaults()
-        self.backend = ggml.Backend.cpu(threads or os.cpu_count() or 1)
-        self.model = LLaDA2Model(self.file, self.backend, self.defaults["block_length"])
+        threads = threads or os.cpu_count() or 1
+        self.n_ctx = min(self.config.context_length, n_ctx or DEFAULT_CONTEXT)
+        device_backend, self.device = _resolve_device(device, threads)
+        self.cpu_backend = ggml.Backend.cpu(threads if device_backend is None else max(1, threads - threads // 2))
+        self.plan: MemoryPlan | None = None
+        self.policy_name = "cpu-only" if device_backend is None else policy
+        self.tau = None
+        if device_backend is None:
+            self.backend = self.cpu_backend
+            self.model = LLaDA2Model(self.file, self.backend, self.defaults["block_length"])
+        else:
+            self.backend = device_backend
+            if expert_slots is not None:  # a budget stated as slots per layer (studies, benchmarks)
+                gpu_memory = budget_for_slots(self.file, expert_slots, self.n_ctx)
+            self.plan = self._plan(device_backend, gpu_memory, policy)
+            if policy == "tide":
+                self.tau = DEFAULT_TAU if tau == "auto" else int(tau)
+            self.model = LLaDA2Model(self.file, device_backend, self.defaults["block_length"], on_device=True)
+            self.model.offload = ExpertOffload(self.file, self.model.weights, device_backend, self.cpu_backend,
+                                               self.plan, make_policy(policy, self.tau or 1, popularity))
+        self.model.max_positions = self.n_ctx
+
+    def _plan(self, device_backend, gpu_memory, policy: str) -> MemoryPlan:
+        if gpu_memory is None:
+            if self.device == "emulated":
+                budget = plan_memory(self.file, 1 << 62, self.n_ctx, max_slots=0).fixed_bytes
+                budget += self.file.expert_bytes() // 2  # room for half the experts
+            else:
+                free, total = self.backend_device_memory(device_backend)
+                budget = free - max(512 << 20, total // 10)
+        else:
+            budget = parse_memory(gpu_memory)
+        plan = plan_memory(self.file, budget, self.n_ctx, max_slots=0 if policy == "cpu" else None)
+        if policy == "resident" and any(n < self.config.n_experts for n in plan.slots.values()):
+            need = plan.fixed_bytes + plan.expert_bytes * len(plan.slots) * self.config.n_experts
+            raise BudgetError(f"policy 'resident' keeps every expert on the device: it needs {need / 2**30:.2f} GiB "
+                              f"(the budget is {budget / 2**30:.2f} GiB)")
+        return plan
+
+    @staticmethod
+    def backend_device_memory(backend) -> tuple[int, int]:
+        return backend.device.memory() if backend.device is not None else (0, 0)
+
+    @property
+    def offload(self) -> ExpertOffload | None:
+        return self.model.offload
 
     @property
     def threads(self) -> int:
@@ -137,6 +217,9 @@ class Engine:
         else:
             block_model = WindowModel(lambda toks, rows: self.model.forward(toks, 0, rows=rows), opts.block_length)
         stops = [self.eos_id] if stop_ids is None else list(stop_ids)
+        if self.offload is not None:
+            self.offload.reset_stats()
+        self.model.compute_seconds = 0.0
         start = time.perf_counter()
         for event in iter_decode(block_model, ids, opts, mask_id=self.mask_id, stop_ids=stops):
             if isinstance(event, DecodeResult):
@@ -145,9 +228,23 @@ class Engine:
                 stats["forwarded_tokens"] = block_model.forwarded_tokens
                 stats["wall_seconds"] = time.perf_counter() - start
                 stats["kv_cache"] = kv_cache
+                stats.update(self._offload_stats(stats["wall_seconds"]))
                 yield GenerationResult(event.tokens, self.tokenizer.decode(event.tokens), stats)
             else:
                 yield event
+
+    def _offload_stats(self, wall: float) -> dict:
+        out = {"device": self.device, "policy": self.policy_name, "device_compute_seconds": self.model.compute_seconds}
+        if self.offload is None:
+            out["host_seconds"] = wall - self.model.compute_seconds
+            return out
+        totals = self.offload.stats.totals()
+        out.update(totals)
+        out["tau"] = self.tau
+        out["host_seconds"] = wall - self.model.compute_seconds - totals["wait_seconds"] - totals["upload_seconds"]
+        out["per_layer"] = {layer: vars(s).copy() for layer, s in self.offload.stats.layers.items()}
+        out["per_step"] = self.offload.step_log
+        return out
 
     def generate(self, prompt, **options) -> GenerationResult:
         """Decode `prompt` (token ids used as is, or a string used as is: no chat template)."""
@@ -167,6 +264,8 @@ class Engine:
         return self.generate(self.chat_prompt(messages), stop_ids=self.chat_stop_ids(), **options)
 
     def close(self) -> None:
+        if self.offload is not None:
+            self.offload.close()
         self.file.close()
 
     def __enter__(self):
@@ -176,6 +275,15 @@ class Engine:
         self.close()
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None) -> Engine:
-    """Open a LLaDA2 GGUF (written by `tide convert`) for generation."""
-    return Engine(path, threads=threads)
+def load(path: str | os.PathLike, device: str = "auto", gpu_memory=None, policy: str = "tide", tau="auto",
+         threads: int | None = None, **options) -> Engine:
+    """Open a LLaDA2 GGUF (written by `tide convert`) for generation.
+
+    device: "auto" (an accelerator of the loaded libggml if any, else the CPU), "cpu",
+      "emulated" (a second CPU backend standing in for an accelerator: a test and study
+      tool with the same slot accounting and counted transfers), or a device name.
+    gpu_memory: the device budget ("6GiB", "6000MiB" or bytes; None: free memory minus a reserve).
+    policy: tide | swap | static | lru | cpu | resident (see tide_local.experts.policies).
+    tau: TIDE's refresh interval in steps ("auto": the planner's choice; 4 until then).
+    """
+    return Engine(path, device=device, gpu_memory=gpu_memory, policy=policy, tau=tau, threads=threads, **options)

@@ -445,6 +445,23 @@ class GraphAllocator:
         if not self._lib.ggml_gallocr_reserve(self._p(), graph.ptr):
             raise MemoryError(f"cannot reserve a {self.buffer_type.name} compute buffer for {graph!r}")
 
+    def bind(self, graphs: list[Graph]) -> bool:
+        """Give several graphs fixed addresses in this one shared buffer.
+
+        ggml assigns a node its address once and never moves it, and frees the buffer
+        when a larger graph needs more. So all graphs are reserved first (the buffer
+        reaches its final size), then allocated. Returns True when the buffer grew:
+        graphs bound earlier then point into freed memory and must be rebuilt.
+        Graphs bound together may share memory: compute them one at a time and read
+        an output before computing the next.
+        """
+        size = self.size
+        for g in graphs:
+            self.reserve(g)
+        for g in graphs:
+            self.alloc(g)
+        return self.size != size
+
     def alloc(self, graph: Graph) -> None:
         if not self._lib.ggml_gallocr_alloc_graph(self._p(), graph.ptr):
             raise MemoryError(f"cannot allocate {graph!r} in a {self.buffer_type.name} compute buffer")

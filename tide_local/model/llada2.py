@@ -19,10 +19,16 @@ on the host, a pass is a chain of graphs cut at each MoE layer's routing:
 
 Activations cross graphs through small persistent tensors (ping-pong pairs). Graphs
 are built once per (T, start) and reused for every denoising step of a block.
+
+With expert offload (a device plus the CPU) each MoE layer's experts split in two:
+a device graph runs the resident experts from the slot pool while the CPU runs the
+misses (tide_local.experts.offload); the next graph adds both per-slot outputs.
+The embedding rows are looked up on the host: the table stays in the mapped file.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +82,7 @@ class Pass:
         cfg, T = model.config, n_tokens
         self.ctx = ctx = ggml.Context(max_tensors=64 + 64 * cfg.n_layers)
         # persistent inputs and the activations that cross graphs
-        self.tokens = ctx.new_tensor(I32, ne=(T,), name="tokens")
+        self.embeddings = ctx.new_tensor(F32, ne=(cfg.hidden_size, T), name="embeddings")
         self.positions = ctx.new_tensor(I32, ne=(T,), name="positions")
         self.mask = ctx.new_tensor(F32, ne=(start + T, T), name="mask")
         self.h = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
@@ -87,12 +93,19 @@ class Pass:
         for layer in cfg.moe_layers:
             self.expert_ids[layer] = ctx.new_tensor(I32, ne=(cfg.n_experts_used, T))
             self.expert_weights[layer] = ctx.new_tensor(F32, ne=(1, cfg.n_experts_used, T))
+        self.offload = model.offload
+        if self.offload is not None:  # per-slot expert outputs of the device and the CPU share
+            self.y_device = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, T))
+            self.y_cpu = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, T))
+            self._y_cpu_zero = False
         self.state_buffer = model.backend.alloc_tensors(ctx)
         self.positions.set(np.arange(start, start + T, dtype=np.int32))
         self.mask.set(block_causal_mask(start, T, model.block_length))
+        self.hit_graphs: dict[int, ggml.Graph] = {}
+        self._state_slot: dict[int, int] = {}  # MoE layer → which state pair holds its x
         self.segments = self._build()
         self._lm_heads: dict[int, tuple[ggml.Graph, ggml.Tensor, ggml.Tensor]] = {}
-        self.graphs = [seg.graph for seg in self.segments]
+        self.graphs = [seg.graph for seg in self.segments] + list(self.hit_graphs.values())
         # the largest LM head is reserved with the segments so smaller ones never grow the buffer
         self._lm_head(n_tokens, bind=False)
         model.bind(self.graphs)
@@ -104,7 +117,7 @@ class Pass:
         segments = []
         # graph 0: embedding, dense layers, attention (+ router) of the first MoE layer
         outputs: list[ggml.Tensor] = []
-        h = ctx.get_rows(m.weights.token_embd, self.tokens)
+        h = self.embeddings
         for i in range(cfg.n_dense_layers):
             h = self._attention(h, i, outputs)
             h = ctx.add(h, self._dense_ffn(self._norm(h, m.weights.layers[i].ffn_norm), m.weights.layers[i]))
@@ -125,6 +138,7 @@ class Pass:
     def _attention_segment(self, h, layer: int, outputs: list, slot: int, moe_layer: int | None) -> _Segment:
         """attention of `layer` on h, then its FFN input and router logits; state goes to `slot`."""
         ctx, lw = self.ctx, self.model.weights.layers[layer]
+        self._state_slot[layer] = slot
         h = self._attention(h, layer, outputs)
         x = self._norm(h, lw.ffn_norm)
         logits = ctx.mul_mat(lw.router, x)  # [n_experts, T], f32 router (weights stored f32)
@@ -179,19 +193,33 @@ class Pass:
         ctx, cfg, lw = self.ctx, self.model.config, self.model.weights.layers[layer]
         T, K = self.n_tokens, cfg.n_experts_used
         h, x = self.h[slot], self.x[slot]
-        ids, weights = self.expert_ids[layer], self.expert_weights[layer]
-        xr = ctx.reshape(x, cfg.hidden_size, 1, T)
-        gate = ctx.mul_mat_id(lw.experts["gate"], xr, ids)  # [M, K, T]
-        up = ctx.mul_mat_id(lw.experts["up"], xr, ids)
-        act = ctx.mul(ctx.mul(ctx.silu(gate), up), weights)  # the routing weight, applied before the (linear) down
-        down = ctx.mul_mat_id(lw.experts["down"], act, ids)  # [H, K, T]
-        out = ctx.view(down, (cfg.hidden_size, T), (down.nb[2],), 0)
+        if self.offload is None:
+            per_slot = self._experts(lw.experts, x, self.expert_ids[layer], self.expert_weights[layer])
+        else:
+            pool = self.offload.pools.get(layer)
+            if pool is not None:  # the device share runs in its own graph, concurrently with the CPU's
+                y = self._experts(pool, x, self.expert_ids[layer], self.expert_weights[layer])
+                self.hit_graphs[layer] = ctx.build_graph(ctx.cpy(y, self.y_device))
+                per_slot = ctx.add(self.y_device, self.y_cpu)
+            else:
+                per_slot = self.y_cpu
+        # sum over the chosen experts, in choice order (the same order for every placement)
+        out = ctx.view(per_slot, (cfg.hidden_size, T), (per_slot.nb[2],), 0)
         for j in range(1, K):
-            out = ctx.add(out, ctx.view(down, (cfg.hidden_size, T), (down.nb[2],), j * down.nb[1]))
+            out = ctx.add(out, ctx.view(per_slot, (cfg.hidden_size, T), (per_slot.nb[2],), j * per_slot.nb[1]))
         if lw.shared_gate is not None:
             shared = ctx.mul(ctx.silu(ctx.mul_mat(lw.shared_gate, x)), ctx.mul_mat(lw.shared_up, x))
             out = ctx.add(out, ctx.mul_mat(lw.shared_down, shared))
         return ctx.add(h, out)
+
+    def _experts(self, stacks: dict, x, ids, weights):
+        """Weighted per-choice expert outputs [H, K, T] (the weight applied before the linear down)."""
+        ctx, cfg = self.ctx, self.model.config
+        xr = ctx.reshape(x, cfg.hidden_size, 1, self.n_tokens)
+        gate = ctx.mul_mat_id(stacks["gate"], xr, ids)  # [M, K, T]
+        up = ctx.mul_mat_id(stacks["up"], xr, ids)
+        act = ctx.mul(ctx.mul(ctx.silu(gate), up), weights)
+        return ctx.mul_mat_id(stacks["down"], act, ids)  # [H, K, T]
 
     def _lm_head(self, n_rows: int, bind: bool = True):
         if n_rows not in self._lm_heads:
@@ -209,14 +237,16 @@ class Pass:
     def run(self, tokens: np.ndarray, rows: np.ndarray | None, on_routing=None) -> np.ndarray | None:
         """Forward `tokens`; returns logits [len(rows), vocab] (None when rows is None)."""
         m, cfg = self.model, self.model.config
-        backend = m.backend
-        self.tokens.set(np.asarray(tokens, dtype=np.int32))
+        backend, offload = m.backend, self.offload
+        self.embeddings.set(m.weights.embed(tokens))
+        if offload is not None:
+            offload.begin_pass(self.start, self.n_tokens)
         for seg in self.segments:
             if seg.moe_layer is not None:
-                r = m.pending_routing[seg.moe_layer]
-                self.expert_ids[seg.moe_layer].set(r.experts)
-                self.expert_weights[seg.moe_layer].set(r.weights)
+                self._experts_inputs(seg.moe_layer)
+            t0 = time.perf_counter()
             backend.compute(seg.graph)
+            m.compute_seconds += time.perf_counter() - t0
             if seg.router_logits is not None:
                 layer = seg.routed_layer
                 lw = m.weights.layers[layer]
@@ -230,47 +260,67 @@ class Pass:
             return None
         rows = np.asarray(rows, dtype=np.int32)
         graph, rows_t, logits = self._lm_head(len(rows))
+        t0 = time.perf_counter()
         backend.compute(graph, {rows_t: rows})
+        m.compute_seconds += time.perf_counter() - t0
         return logits.get()
 
+    def _experts_inputs(self, layer: int) -> None:
+        """Routing → expert inputs; with offload, runs the device and CPU shares of `layer`."""
+        r = self.model.pending_routing[layer]
+        if self.offload is None:
+            self.expert_ids[layer].set(r.experts)
+            self.expert_weights[layer].set(r.weights)
+            return
+        offload = self.offload
+        placement = offload.place(layer, r)
+        future = None
+        if placement.n_misses:
+            slot = self._state_slot[layer]
+            future = offload.start_misses(layer, self.x[slot].get(), r, placement)
+        if layer in self.hit_graphs:
+            self.expert_ids[layer].set(placement.device_ids)
+            self.expert_weights[layer].set(placement.device_weights)
+            t0 = time.perf_counter()
+            self.model.backend.compute(self.hit_graphs[layer])
+            self.model.compute_seconds += time.perf_counter() - t0
+        if future is not None:
+            self.y_cpu.set(offload.wait(future))
+            self._y_cpu_zero = False
+        elif not self._y_cpu_zero:
+            self.y_cpu.set(np.zeros(self.y_cpu.shape, dtype=np.float32))
+            self._y_cpu_zero = True
 
 class LLaDA2Model:
     """The forward of one loaded model on one backend, with its KV cache and pass cache."""
 
-    def __init__(self, model_file, backend: ggml.Backend, block_length: int = 32):
+    def __init__(self, model_file, backend: ggml.Backend, block_length: int = 32, *, on_device: bool = False):
+        """`on_device`: `backend` is an accelerator (or the emulated one): the non-expert
+        weights are copied to it; otherwise every weight is used from the mapped file."""
         self.file = model_file
         self.config: LLaDA2Config = model_file.config
         self.backend = backend
         self.block_length = block_length
-        self.weights = Weights(model_file)
+        self.weights = Weights(model_file, backend if on_device else None)
+        self.offload = None  # an ExpertOffload, set before the first forward
+        self.max_positions = self.config.context_length
+        self.compute_seconds = 0.0  # time inside ggml compute on `backend`
         self.allocator = ggml.GraphAllocator(backend)
         self.cache: KVCache | None = None
         self._passes: dict[tuple[int, int], Pass] = {}
         self.pending_routing: dict[int, Routing] = {}
 
     def bind(self, graphs: list[ggml.Graph]) -> None:
-        """Give `graphs` fixed addresses in the shared compute buffer.
-
-        ggml's allocator assigns a node its address once and never moves it, and frees
-        the buffer when a larger graph needs more. So all graphs of a pass are reserved
-        first (the buffer reaches its final size), then allocated; if the buffer grew,
-        the passes bound earlier point into freed memory and are dropped.
-        """
-        size = self.allocator.size
-        for g in graphs:
-            self.allocator.reserve(g)
-        grown = self.allocator.size != size
-        for g in graphs:
-            g.allocate(self.allocator)
-        if grown:
+        """Bind graphs in the shared compute buffer; passes bound earlier are dropped if it grew."""
+        if self.allocator.bind(graphs):
             current = {id(g) for g in graphs}
             self._passes = {k: p for k, p in self._passes.items() if any(id(g) in current for g in p.graphs)}
 
     def ensure_capacity(self, n_positions: int) -> None:
-        if n_positions > self.config.context_length:
-            raise ValueError(f"{n_positions} positions exceed the model's context of {self.config.context_length}")
+        if n_positions > self.max_positions:
+            raise ValueError(f"{n_positions} positions exceed the context of {self.max_positions}")
         if self.cache is None or self.cache.capacity < n_positions:
-            capacity = min(self.config.context_length, -(-n_positions // CACHE_GRANULE) * CACHE_GRANULE)
+            capacity = min(self.max_positions, -(-n_positions // CACHE_GRANULE) * CACHE_GRANULE)
             self._passes.clear()  # graphs hold views of the old cache
             self.cache = None
             self.cache = KVCache(self.backend, self.config, capacity)

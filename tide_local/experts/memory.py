@@ -1,0 +1,130 @@
+"""The device memory plan: what sits on the accelerator and how many expert slots fit.
+
+Everything but the routed experts and the token embedding goes to the device (attention,
+norms, routers, shared experts, dense layers, LM head, the KV cache and a compute
+reserve); what remains of the budget becomes expert slots, the same number in every MoE
+layer (never more than the layer has experts).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from tide_local import llada2
+from tide_local.errors import TideError
+from tide_local.modelfile import ModelFile
+from tide_local.progress import human_bytes
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+class BudgetError(TideError):
+    """The device memory budget cannot hold what must live on the device."""
+
+
+def parse_memory(value) -> int:
+    """'6GiB', '6000MiB', '6GB', 6442450944 → bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"memory size must be positive (got {value})")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size '{value}' (write e.g. 6GiB, 6000MiB or a number of bytes)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def kv_cache_bytes(cfg: llada2.LLaDA2Config, n_ctx: int) -> int:
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx * 4  # f32 K and V
+
+
+def compute_reserve(cfg: llada2.LLaDA2Config, n_ctx: int, block: int = 32) -> int:
+    """A bound on one pass's activations for a block: attention scores dominate."""
+    scores = 4 * cfg.n_heads * block * n_ctx
+    activations = 4 * block * (cfg.qkv_dim + 4 * cfg.hidden_size + 3 * cfg.n_experts_used * cfg.hidden_size)
+    return 2 * (scores + activations) + 4 * block * cfg.vocab_size + (16 << 20)
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    device_bytes: dict[str, int]  # by kind
+    expert_bytes: int  # one expert (gate + up + down) of a MoE layer
+    slots: dict[int, int]  # MoE layer → slots
+    n_experts: int
+    n_ctx: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fixed_bytes(self) -> int:
+        return sum(v for k, v in self.device_bytes.items() if k != "expert slots")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.device_bytes.values())
+
+    @property
+    def resident_fraction(self) -> float:
+        return sum(self.slots.values()) / max(1, len(self.slots) * self.n_experts)
+
+    def describe(self) -> str:
+        lines = [f"device memory plan for a budget of {human_bytes(self.budget)} (context {self.n_ctx}):"]
+        for kind, n in self.device_bytes.items():
+            lines.append(f"  {kind:<22} {human_bytes(n):>12}")
+        lines.append(f"  {'total':<22} {human_bytes(self.total_bytes):>12}")
+        per_layer = sorted(set(self.slots.values()))
+        slots = str(per_layer[0]) if len(per_layer) == 1 else ", ".join(f"{k}:{v}" for k, v in self.slots.items())
+        lines.append(f"  expert slots per MoE layer: {slots} of {self.n_experts} "
+                     f"({100 * self.resident_fraction:.1f}% of routed experts resident; "
+                     f"{human_bytes(self.expert_bytes)} per expert)")
+        lines += [f"  {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | None = None) -> MemoryPlan:
+    """Slots per MoE layer for `budget` bytes; raises BudgetError naming the smallest budget that works."""
+    cfg = model.config
+    g = model.gguf
+    kinds = {"attention": 0, "norms and routers": 0, "shared experts": 0, "dense layers": 0, "LM head": 0}
+    expert_names = {llada2.expert_tensor_name(layer, p) for layer in cfg.moe_layers for p in llada2.EXPERT_PROJECTIONS}
+    for name, t in g.tensors.items():
+        if name in expert_names or name == "token_embd.weight":
+            continue
+        if name.startswith("output"):
+            kind = "LM head" if name == "output.weight" else "norms and routers"
+        elif "attn_qkv" in name or "attn_output" in name:
+            kind = "attention"
+        elif "shexp" in name:
+            kind = "shared experts"
+        elif name.endswith(("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")):
+            kind = "dense layers"
+        else:
+            kind = "norms and routers"
+        kinds[kind] += t.nbytes
+    kinds["KV cache"] = kv_cache_bytes(cfg, n_ctx)
+    kinds["compute buffers"] = compute_reserve(cfg, n_ctx)
+    fixed = sum(kinds.values())
+    moe = list(cfg.moe_layers)
+    expert_bytes = max((sum(model.experts(layer, p).slice_bytes for p in llada2.EXPERT_PROJECTIONS) for layer in moe),
+                       default=0)
+    if budget < fixed:
+        raise BudgetError(
+            f"a device budget of {human_bytes(budget)} cannot hold the non-expert part of the model "
+            f"({human_bytes(fixed)} at context {n_ctx}); the smallest budget that works is {human_bytes(fixed)}"
+            " (or lower the context)"
+        )
+    per_layer = (budget - fixed) // max(1, expert_bytes * len(moe)) if moe else 0
+    per_layer = min(per_layer, cfg.n_experts if max_slots is None else max_slots)
+    kinds["expert slots"] = per_layer * expert_bytes * len(moe)
+    plan = MemoryPlan(budget, kinds, expert_bytes, {layer: per_layer for layer in moe}, cfg.n_experts, n_ctx)
+    if per_layer < cfg.n_experts_used and moe and (max_slots is None or max_slots > 0):
+        plan.notes.append(f"fewer slots than experts per token ({cfg.n_experts_used}): most work will run on the CPU")
+    return plan
+
+
+def budget_for_slots(model: ModelFile, slots: int, n_ctx: int) -> int:
+    """The device budget that gives `slots` expert slots per MoE layer."""
+    plan = plan_memory(model, 1 << 62, n_ctx, max_slots=0)
+    return plan.fixed_bytes + slots * plan.expert_bytes * len(plan.slots)

@@ -1,0 +1,176 @@
+"""Which experts of a MoE layer live in device slots, step by step.
+
+Each policy sees, before a layer's experts run, how many token-slots this step routes to
+each expert, and answers with the uploads (slot ← expert) to make first. Everything not
+resident afterwards runs on the CPU. All policies share `LayerSlots` and this interface;
+none changes what is computed, only where.
+
+- tide:     at a block's step 0 and every `tau` steps, make the resident set the top-B
+            experts by routed count (the least-used residents are evicted); between
+            refreshes the placement is fixed and misses run on the CPU.
+- swap:     tide with tau = 1 (Mixtral-Offload: migrate every step).
+- static:   a fixed set (popular experts from a trace, else ids 0..B-1), never moved (Fiddler).
+- lru:      upload every needed expert that fits, evicting the least recently used
+            (llama.cpp's expert cache).
+- cpu:      no slots: every routed expert on the CPU (llama.cpp --cpu-moe).
+- resident: every expert in a slot (the upper bound).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POLICIES = ("tide", "swap", "static", "lru", "cpu", "resident")
+
+
+class LayerSlots:
+    """Residency of one MoE layer: slot → expert and expert → slot (-1 when none)."""
+
+    def __init__(self, n_slots: int, n_experts: int):
+        self.expert_of_slot = np.full(n_slots, -1, dtype=np.int64)
+        self.slot_of_expert = np.full(n_experts, -1, dtype=np.int64)
+        self.last_used = np.zeros(n_slots, dtype=np.int64)  # step counter, for lru
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.expert_of_slot)
+
+    def assign(self, slot: int, expert: int) -> None:
+        old = self.expert_of_slot[slot]
+        if old >= 0:
+            self.slot_of_expert[old] = -1
+        self.expert_of_slot[slot] = expert
+        self.slot_of_expert[expert] = slot
+
+    def resident(self) -> np.ndarray:
+        return self.expert_of_slot[self.expert_of_slot >= 0]
+
+
+def _top_by_count(counts: np.ndarray, n: int, prefer: np.ndarray) -> np.ndarray:
+    """Up to n experts with the most routed slots (zero counts excluded); ties favour
+    experts already resident (`prefer`), then lower ids: no needless uploads."""
+    order = np.lexsort((np.arange(len(counts)), ~prefer, -counts))
+    chosen = order[:n]
+    return chosen[counts[chosen] > 0]
+
+
+def _replace(slots: LayerSlots, wanted: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:
+    """Uploads that make every expert in `wanted` resident, filling empty slots first and
+    then evicting the residents outside `wanted` with the fewest routed slots."""
+    wanted_mask = np.zeros(len(slots.slot_of_expert), dtype=bool)
+    wanted_mask[wanted] = True
+    incoming = [int(e) for e in wanted if slots.slot_of_expert[e] < 0]
+    if not incoming:
+        return []
+    empty = np.flatnonzero(slots.expert_of_slot < 0)
+    occupied = np.flatnonzero(slots.expert_of_slot >= 0)
+    evictable = occupied[~wanted_mask[slots.expert_of_slot[occupied]]]
+    evictable = evictable[np.argsort(counts[slots.expert_of_slot[evictable]], kind="stable")]
+    free = list(empty) + list(evictable)
+    uploads = []
+    for expert, slot in zip(incoming, free):
+        slots.assign(int(slot), expert)
+        uploads.append((int(slot), expert))
+    return uploads
+
+
+class Policy:
+    name = "policy"
+
+    def initial(self, layer: int, slots: LayerSlots) -> list[tuple[int, int]]:
+        """Uploads at load time."""
+        return []
+
+    def refresh(self, slots: LayerSlots, counts: np.ndarray, step: int, clock: int) -> list[tuple[int, int]]:
+        """Uploads before this step's experts run. `step` counts passes within the current
+        block (0 at its first); `clock` counts every pass."""
+        return []
+
+
+class TidePolicy(Policy):
+    name = "tide"
+
+    def __init__(self, tau: int):
+        if tau < 1:
+            raise ValueError(f"tau must be at least 1 (got {tau})")
+        self.tau = int(tau)
+
+    def refresh(self, slots, counts, step, clock):
+        if step % self.tau:
+            return []
+        wanted = _top_by_count(counts, slots.n_slots, slots.slot_of_expert >= 0)
+        return _replace(slots, wanted, counts)
+
+
+class SwapPolicy(TidePolicy):
+    name = "swap"
+
+    def __init__(self):
+        super().__init__(1)
+
+
+class StaticPolicy(Policy):
+    name = "static"
+
+    def __init__(self, popularity: dict[int, np.ndarray] | None = None):
+        self.popularity = popularity or {}
+
+    def initial(self, layer, slots):
+        counts = self.popularity.get(layer)
+        n_experts = len(slots.slot_of_expert)
+        if counts is None:
+            order = np.arange(n_experts)
+        else:
+            order = np.lexsort((np.arange(n_experts), -np.asarray(counts)))
+        uploads = []
+        for slot, expert in enumerate(order[: slots.n_slots]):
+            slots.assign(slot, int(expert))
+            uploads.append((slot, int(expert)))
+        return uploads
+
+
+class LRUPolicy(Policy):
+    name = "lru"
+
+    def refresh(self, slots, counts, step, clock):
+        needed = np.flatnonzero(counts > 0)
+        resident = slots.slot_of_expert[needed] >= 0
+        slots.last_used[slots.slot_of_expert[needed[resident]]] = clock
+        missing = needed[~resident]
+        missing = missing[np.lexsort((missing, -counts[missing]))]  # most used first
+        uploads = []
+        for expert in missing:
+            # least recently used slot that this step does not need (empty slots first)
+            candidates = np.flatnonzero(slots.last_used < clock)
+            if not len(candidates):
+                break  # every slot serves this step: the rest run on the CPU
+            free = candidates[slots.expert_of_slot[candidates] < 0]
+            slot = int(free[0]) if len(free) else int(candidates[np.argmin(slots.last_used[candidates])])
+            slots.assign(slot, int(expert))
+            slots.last_used[slot] = clock
+            uploads.append((slot, int(expert)))
+        return uploads
+
+
+class ResidentPolicy(StaticPolicy):
+    name = "resident"
+
+
+class CpuPolicy(Policy):
+    name = "cpu"
+
+
+def make_policy(name: str, tau: int = 4, popularity: dict[int, np.ndarray] | None = None) -> Policy:
+    if name == "tide":
+        return TidePolicy(tau)
+    if name == "swap":
+        return SwapPolicy()
+    if name == "static":
+        return StaticPolicy(popularity)
+    if name == "lru":
+        return LRUPolicy()
+    if name == "cpu":
+        return CpuPolicy()
+    if name == "resident":
+        return ResidentPolicy()
+    raise ValueError(f"unknown policy '{name}' (choose from {', '.join(POLICIES)})")
