@@ -1,0 +1,149 @@
+"""Expert offload on the emulated device: every policy is exact, and the accounting adds up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tide_local
+from tide_local.converters.convert import convert
+from tide_local.converters.testmodel import make_checkpoint
+from tide_local.experts.memory import BudgetError, budget_for_slots, parse_memory, plan_memory
+from tide_local.experts.policies import LayerSlots, LRUPolicy, TidePolicy, _top_by_count
+from tide_local.modelfile import ModelFile
+
+N_CTX = 512
+PROMPT = [int(i) for i in np.random.default_rng(3).integers(0, 640, size=40)]
+GEN = dict(max_new_tokens=64, threshold=0.05)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    base = tmp_path_factory.mktemp("offload")
+    ckpt = make_checkpoint(base / "hf", preset="tiny", seed=21)
+    return convert(ckpt, base / "tiny-q8.gguf", "q8_0", progress=False) and base / "tiny-q8.gguf"
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(model_path):
+    with tide_local.load(model_path, device="emulated", policy="resident", expert_slots=16, n_ctx=N_CTX, threads=2) as eng:
+        res = eng.generate(PROMPT, **GEN)
+    with tide_local.load(model_path, device="cpu", threads=1) as eng:
+        assert eng.generate(PROMPT, **GEN).tokens == res.tokens  # resident on the device == CPU only
+    return res.tokens
+
+
+@pytest.mark.parametrize(
+    "policy, slots, tau",
+    [("tide", 6, 4), ("tide", 3, 1), ("tide", 8, 3), ("swap", 6, None), ("static", 6, None),
+     ("lru", 6, None), ("lru", 2, None), ("cpu", 0, None)],
+)
+def test_every_policy_gives_the_resident_tokens(model_path, reference_tokens, policy, slots, tau):
+    with tide_local.load(model_path, device="emulated", policy=policy, expert_slots=slots, tau=tau or "auto",
+                         n_ctx=N_CTX, threads=2) as eng:
+        res = eng.generate(PROMPT, **GEN)
+        assert res.tokens == reference_tokens
+        cfg = eng.config
+        s = res.stats
+        n_moe = cfg.n_layers - cfg.n_dense_layers
+        # every assignment is either a hit or a miss
+        total_tokens = sum(p["tokens"] for p in s["per_step"])
+        assert s["hits"] + s["misses"] == total_tokens * cfg.n_experts_used * n_moe
+        if policy == "cpu":
+            assert s["hits"] == 0 and s["uploads"] == 0
+        else:
+            assert 0 < s["hit_rate"] < 1
+        # slots never exceed the plan; bytes uploaded = uploads x one expert's slices
+        for layer, layer_slots in eng.offload.slots.items():
+            assert layer_slots.n_slots == eng.plan.slots[layer] == slots
+            assert len(layer_slots.resident()) <= slots
+        assert s["upload_bytes"] == s["uploads"] * eng.plan.expert_bytes
+        # refreshes happen exactly where the policy says
+        if policy in ("tide", "swap"):
+            every = tau or 1
+            for entry in s["per_step"]:
+                uploads = sum(u for _, _, u in entry["layers"].values())
+                if entry["step"] % every:
+                    assert uploads == 0, entry
+        if policy == "static":
+            assert s["uploads"] == 0
+
+
+def test_tide_refreshes_less_than_swap(model_path):
+    stats = {}
+    for policy, tau in (("swap", None), ("tide", 4)):
+        with tide_local.load(model_path, device="emulated", policy=policy, tau=tau or "auto", expert_slots=6,
+                             n_ctx=N_CTX, threads=2) as eng:
+            stats[policy] = eng.generate(PROMPT, **GEN).stats
+    assert stats["tide"]["uploads"] < stats["swap"]["uploads"]
+
+
+def test_memory_plan(model_path):
+    with ModelFile(model_path) as m:
+        fixed = plan_memory(m, 1 << 40, N_CTX, max_slots=0).fixed_bytes
+        plan = plan_memory(m, budget_for_slots(m, 5, N_CTX), N_CTX)
+        assert set(plan.slots.values()) == {5}
+        assert plan.total_bytes <= plan.budget
+        assert "expert slots per MoE layer: 5 of 16" in plan.describe()
+        assert plan_memory(m, 1 << 40, N_CTX).slots[1] == 16  # never more slots than experts
+        with pytest.raises(BudgetError, match="smallest budget"):
+            plan_memory(m, fixed - 1, N_CTX)
+
+
+def test_resident_needs_the_budget(model_path):
+    with pytest.raises(BudgetError, match="resident"):
+        tide_local.load(model_path, device="emulated", policy="resident", expert_slots=4, n_ctx=N_CTX)
+
+
+@pytest.mark.parametrize("text, expected", [("6GiB", 6 * 2**30), ("6000MiB", 6000 * 2**20), ("1.5GB", 1_500_000_000),
+                                            (1234, 1234), ("512", 512)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["six gigs", "6XB", "-1", -5])
+def test_parse_memory_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_memory(bad)
+
+
+def test_bad_options(model_path):
+    with pytest.raises(ValueError, match="policy"):
+        tide_local.load(model_path, device="emulated", policy="fastest")
+    with pytest.raises(tide_local.engine.DeviceError, match="no device"):
+        tide_local.load(model_path, device="CUDA7")
+
+
+# -- the policies on their own ---------------------------------------------------------------------------------
+
+
+def test_top_by_count_prefers_residents_on_ties_and_drops_zeros():
+    counts = np.array([0, 3, 3, 1, 0, 3])
+    prefer = np.array([False, False, False, False, False, True])
+    assert list(_top_by_count(counts, 2, prefer)) == [5, 1]
+    assert list(_top_by_count(counts, 6, prefer)) == [5, 1, 2, 3]
+
+
+def test_tide_evicts_least_used_and_keeps_wanted():
+    slots = LayerSlots(3, 8)
+    for s, e in enumerate((0, 1, 2)):
+        slots.assign(s, e)
+    policy = TidePolicy(tau=2)
+    counts = np.array([5, 0, 1, 0, 9, 0, 0, 7])
+    assert policy.refresh(slots, counts, step=1, clock=1) == []  # not a refresh step
+    uploads = policy.refresh(slots, counts, step=2, clock=2)
+    assert sorted(e for _, e in uploads) == [4, 7]
+    assert set(slots.resident()) == {0, 4, 7}  # expert 1 (count 0) and 2 (count 1) evicted
+
+
+def test_lru_uploads_misses_and_evicts_oldest():
+    slots = LayerSlots(2, 8)
+    policy = LRUPolicy()
+    counts = np.zeros(8, dtype=int)
+    counts[[1, 2]] = 1
+    assert len(policy.refresh(slots, counts, 0, clock=1)) == 2
+    counts[:] = 0
+    counts[[2, 5]] = 1
+    uploads = policy.refresh(slots, counts, 1, clock=2)
+    assert uploads == [(int(slots.slot_of_expert[5]), 5)]
+    assert set(slots.resident()) == {2, 5}  # 1 was least recently used
