@@ -11,6 +11,7 @@ from tide_local.errors import TideError
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("tide_local.converters.convert", "convert a Hugging Face LLaDA2.0 checkpoint to GGUF"),
     "info": ("tide_local.info", "show and validate a LLaDA2 GGUF file"),
+    "generate": ("tide_local.generate_cli", "generate text from a prompt (streamed block by block)"),
 }
 
 USAGE = """usage: tide COMMAND [options]

@@ -1,0 +1,94 @@
+"""The demo model: a tiny LLaDA2 GGUF with random weights, built on first use and cached.
+
+It lets `tide generate --demo` (and anyone trying the API) run the whole pipeline with no
+download. Its weights are random, so its output is noise. It is built deterministically
+(the random test checkpoint of :mod:`tide_local.converters.testmodel` with a fixed seed,
+converted to q8_0) into the user cache directory:
+
+* ``$TIDE_CACHE_DIR`` if set,
+* else ``$XDG_CACHE_HOME/tide-local``,
+* else ``~/.cache/tide-local``.
+
+The file name carries a version (:data:`DEMO_VERSION` and the GGUF layout version), so a
+format change builds a new file. Each build works in its own temporary directory inside
+the cache directory and moves the finished file into place with one atomic rename, so
+processes racing to build it are safe (they write identical files).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tide_local import llada2
+from tide_local.errors import OutputPathError, TideError
+
+# Bump when the demo checkpoint or its conversion changes.
+DEMO_VERSION = 1
+DEMO_SEED = 2025
+DEMO_PRESET = "tiny"
+DEMO_TYPE = "q8_0"
+
+NOTE = "building the demo model (random weights: its output is noise) ..."
+
+
+def cache_dir() -> Path:
+    """Where tide-local caches files (see the module docstring)."""
+    explicit = os.environ.get("TIDE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "tide-local"
+
+
+def demo_file_name() -> str:
+    return f"demo-llada2-{DEMO_PRESET}-v{DEMO_VERSION}-layout{llada2.LAYOUT_VERSION}-{DEMO_TYPE}.gguf"
+
+
+def _usable(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    from tide_local.modelfile import ModelFile
+
+    try:
+        with ModelFile(path):
+            return True
+    except TideError:  # truncated or from an older format: build it again
+        return False
+
+
+def build_demo_model(out: str | os.PathLike, *, seed: int = DEMO_SEED) -> Path:
+    """Write the demo GGUF to ``out`` (via a temporary directory beside it and a rename)."""
+    from tide_local.converters.convert import convert
+    from tide_local.converters.testmodel import make_checkpoint
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix=".demo-build-", dir=out.parent) as tmp:
+        hf_dir = make_checkpoint(Path(tmp) / "hf", preset=DEMO_PRESET, seed=seed)
+        gguf = Path(tmp) / out.name
+        convert(hf_dir, gguf, DEMO_TYPE, threads=1, progress=False, log=io.StringIO())
+        os.replace(gguf, out)
+    return out
+
+
+def demo_model_path(progress: bool = True) -> Path:
+    """The cached demo GGUF, built first if missing (prints a one-line note on stderr then)."""
+    directory = cache_dir()
+    path = directory / demo_file_name()
+    if _usable(path):
+        return path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(
+            f"cannot create the cache directory {directory} ({err.strerror}); set TIDE_CACHE_DIR to a writable folder"
+        ) from None
+    if not os.access(directory, os.W_OK):
+        raise OutputPathError(f"the cache directory {directory} is not writable; set TIDE_CACHE_DIR to a writable folder")
+    if progress:
+        print(NOTE, file=sys.stderr, flush=True)
+    return build_demo_model(path)

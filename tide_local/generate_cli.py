@@ -1,0 +1,293 @@
+"""`tide generate`: one prompt in, the model's answer streamed out block by block."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from itertools import chain
+
+from tide_local.errors import TideError
+
+DESCRIPTION = """\
+Generate text with a LLaDA2 GGUF (written by `tide convert`). The prompt goes through the
+model's chat template (as a user turn, after an optional --system turn) unless --raw is given.
+The answer is decoded by block diffusion: 32 tokens at a time, several denoising steps per
+block, and is printed as each block finishes. A one-line summary (tokens, tokens/s, steps per
+block, tokens per step, seconds) follows on stderr."""
+
+EPILOG = """\
+examples:
+  tide generate -m llada2-mini-q4_k_m.gguf -p "Why is the sky blue?"
+  tide generate -m mini.gguf -p "The capital of France is" --raw -n 32
+  echo "Write a haiku about rain." | tide generate -m mini.gguf
+  tide generate -m mini.gguf -p "Tell me a story." --temperature 0.8 --top-p 0.9 --seed 1
+  tide generate -m mini.gguf -p "2+2=" --json | jq .stats
+  tide generate --demo -p "Hello"
+
+--demo runs a tiny model with random weights, built on first use and cached in
+$TIDE_CACHE_DIR (else $XDG_CACHE_HOME/tide-local or ~/.cache/tide-local): it exercises the
+whole pipeline without a download, but its output is noise. For a real model see models.md, then `tide convert`.
+"""
+
+NO_MODEL = (
+    "no model given: pass -m MODEL.gguf (download a checkpoint as models.md explains and make the "
+    "GGUF with `tide convert`), or try --demo for a tiny random model"
+)
+
+# Option names of the decoder as the user types them.
+_FLAGS = {
+    "max_new_tokens": "-n/--max-new-tokens",
+    "threshold": "--threshold",
+    "steps": "--steps",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+}
+
+
+class UsageError(TideError):
+    """A bad combination or value of `tide generate` options."""
+
+
+def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = p.add_argument_group("model and prompt")
+    src.add_argument("-m", "--model", metavar="MODEL.gguf", help="a LLaDA2 GGUF written by `tide convert`")
+    src.add_argument("--demo", action="store_true",
+                     help="use the demo model (tiny, random weights: its output is noise); built and cached on first use")
+    src.add_argument("-p", "--prompt", metavar="TEXT",
+                     help="the prompt; '-' or leaving it out reads it from stdin")
+    src.add_argument("--raw", action="store_true",
+                     help="use the prompt text as is (no chat template); generation then stops only at end-of-text")
+    src.add_argument("--system", metavar="TEXT", help="a system message placed before the prompt (chat template only)")
+
+    dec = p.add_argument_group("decoding")
+    dec.add_argument("-n", "--max-new-tokens", type=int, default=256, metavar="N",
+                     help="generate at most N tokens (default: 256)")
+    dec.add_argument("--threshold", type=float, default=None, metavar="T",
+                     help="commit every masked token whose confidence is above T in (0, 1] in one step; "
+                     "lower is faster, 1 is one token per step (default: the model's; 0.95 for LLaDA2.0)")
+    dec.add_argument("--steps", type=int, default=None, metavar="S",
+                     help="denoising steps per block at most (default: the model's; 32 for LLaDA2.0)")
+    dec.add_argument("--temperature", type=float, default=None, metavar="T",
+                     help="sampling temperature; 0 is greedy (default: 0)")
+    dec.add_argument("--top-k", type=int, default=None, metavar="K",
+                     help="sample among the K most likely tokens (with --temperature > 0)")
+    dec.add_argument("--top-p", type=float, default=None, metavar="P",
+                     help="sample within the smallest set of tokens of probability >= P (with --temperature > 0)")
+    dec.add_argument("--seed", type=int, default=None, metavar="S",
+                     help="seed of the sampler, for repeatable sampling (default: fresh each run)")
+
+    run = p.add_argument_group("output and execution")
+    run.add_argument("--json", action="store_true",
+                     help="print one JSON object {tokens, text, stats} at the end instead of streaming text")
+    run.add_argument("--stats", action="store_true",
+                     help="after the summary, print one more line of statistics (blocks, steps per block, "
+                     "forwards, prefill time, why generation stopped)")
+    run.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    run.add_argument("--no-cache", action="store_true",
+                     help="recompute the whole context at every step instead of using the block KV cache "
+                     "(slow; same tokens: for checking)")
+    return p
+
+
+def _check_options(args) -> dict:
+    """The decoder options given on the command line, checked before any model is loaded."""
+    from tide_local.diffusion import DecodeOptions
+
+    options = {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold, "steps": args.steps,
+               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    try:
+        DecodeOptions(**{k: v for k, v in options.items() if v is not None}).validate()
+    except ValueError as err:
+        message = str(err)
+        name = message.split(" ", 1)[0]
+        raise UsageError(_FLAGS.get(name, name) + message[len(name):]) from None
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.raw and args.system is not None:
+        raise UsageError("--system needs the chat template; leave out --raw (or put the system text in the prompt)")
+    if args.demo and args.model:
+        raise UsageError("give either -m MODEL.gguf or --demo, not both")
+    return options
+
+
+def _model_path(args) -> str:
+    if args.demo:
+        from tide_local.demo import demo_model_path
+
+        return str(demo_model_path())
+    if not args.model:
+        raise UsageError(NO_MODEL)
+    return args.model
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None and args.prompt != "-":
+        prompt = args.prompt
+    else:
+        if sys.stdin is None:
+            raise UsageError("no prompt: give -p TEXT or pipe the prompt on stdin")
+        if sys.stdin.isatty():
+            print("reading the prompt from stdin (end it with Ctrl-D) ...", file=sys.stderr, flush=True)
+        prompt = sys.stdin.read()
+        if prompt.endswith("\n"):  # as shells do with $(...)
+            prompt = prompt[:-1]
+    if not prompt.strip():
+        raise UsageError("the prompt is empty: give -p TEXT or pipe the prompt on stdin")
+    return prompt
+
+
+def _prompt_ids(eng, args, prompt: str) -> tuple[list[int], list[int]]:
+    """(prompt token ids, stop ids)."""
+    if args.raw:
+        return list(eng.tokenizer.encode(prompt)), [eng.eos_id]
+    from tide_local.tokenizer import ChatTemplateError
+
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+    messages.append({"role": "user", "content": prompt})
+    try:
+        return list(eng.chat_prompt(messages)), list(eng.chat_stop_ids())
+    except ChatTemplateError as err:
+        raise ChatTemplateError(f"{err} (use --raw)") from None
+
+
+class _Streamer:
+    """Prints the generated text as blocks finish: decodes all generated ids so far and
+    writes only what is new. Trailing U+FFFD (bytes of a character whose remaining bytes
+    are in later tokens) are held back until the character is complete."""
+
+    def __init__(self, tokenizer, n_prompt: int, max_new: int, stop_ids, out):
+        self.tokenizer, self.n_prompt, self.max_new = tokenizer, n_prompt, max_new
+        self.stops = set(int(s) for s in stop_ids)
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = ""
+        self.done = False
+
+    def block(self, event) -> None:
+        if self.done:
+            return
+        skip = max(0, self.n_prompt - int(event.start))
+        for t in event.tokens[skip:]:
+            if len(self.ids) >= self.max_new:
+                self.done = True
+                break
+            self.ids.append(int(t))
+            if int(t) in self.stops:
+                self.done = True
+                break
+        self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self, text: str) -> None:
+        self._emit(text)
+        self.out.write("\n")
+        self.out.flush()
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.printed):
+            new = text[len(self.printed):]
+        else:  # a detokenizer that rewrote earlier text: print what follows the common part
+            common = os.path.commonprefix([text, self.printed])
+            new = text[len(common):] if len(text) > len(self.printed) else ""
+            text = self.printed + new
+        if new:
+            self.out.write(new)
+            self.out.flush()
+            self.printed = text
+
+
+def summary_line(stats: dict) -> str:
+    per_block = stats.get("steps_per_block") or []
+    avg = sum(per_block) / len(per_block) if per_block else 0.0
+    return (
+        f"{stats['tokens']} tokens, {stats['tokens_per_second']:.1f} tokens/s, {avg:.1f} steps/block, "
+        f"{stats['tokens_per_step']:.2f} tokens/step, {stats['seconds']:.2f} s"
+    )
+
+
+def stats_line(stats: dict, max_new: int, threads: int) -> str:
+    if stats.get("stopped"):
+        why = "end of turn/text"
+    elif stats["tokens"] >= max_new:
+        why = f"-n {max_new} reached"
+    else:
+        why = "context end"
+    return (
+        f"prompt {stats['prompt_tokens']} tokens, {stats['blocks']} blocks, {stats['steps']} steps "
+        f"(per block {stats['steps_per_block']}), {stats.get('forwards', '?')} forwards, "
+        f"prefill {stats['prefill_seconds']:.2f} s, wall {stats.get('wall_seconds', stats['seconds']):.2f} s, "
+        f"kv cache {'on' if stats.get('kv_cache', True) else 'off'}, threads {threads}; stopped: {why}"
+    )
+
+
+def main(argv: list[str] | None = None, prog: str = "tide generate") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return _run(args)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _run(args) -> int:
+    options = _check_options(args)
+    path = _model_path(args)
+
+    import tide_local
+    from tide_local.diffusion import BlockEvent
+    from tide_local.engine import GenerationResult
+
+    eng = tide_local.load(path, threads=args.threads)
+    try:
+        prompt = _read_prompt(args)
+        ids, stops = _prompt_ids(eng, args, prompt)
+        events = eng.stream(ids, kv_cache=not args.no_cache, stop_ids=stops, **options)
+        first = next(events)  # the request is checked before the first event: its errors are the user's
+    except ValueError as err:  # the engine's check of the request (e.g. a prompt too long for the context)
+        eng.close()
+        raise UsageError(str(err)) from None
+    except BaseException:
+        eng.close()
+        raise
+    threads = eng.threads
+
+    out = sys.stdout
+    streamer = None if args.json else _Streamer(eng.tokenizer, len(ids), args.max_new_tokens, stops, out)
+    result = None
+    try:
+        for event in chain([first], events):
+            if isinstance(event, GenerationResult):
+                result = event
+            elif streamer is not None and isinstance(event, BlockEvent):
+                streamer.block(event)
+        if args.json:
+            print(json.dumps({"tokens": result.tokens, "text": result.text, "stats": result.stats}, ensure_ascii=False))
+            out.flush()
+        else:
+            streamer.finish(result.text)
+    except KeyboardInterrupt:
+        if streamer is not None and streamer.printed:
+            out.write("\n")
+            out.flush()
+        raise
+    except BrokenPipeError:  # e.g. `| head`: stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 0
+    finally:
+        eng.close()
+
+    if not args.json:
+        print(summary_line(result.stats), file=sys.stderr)
+    if args.stats:
+        print(stats_line(result.stats, args.max_new_tokens, threads), file=sys.stderr)
+    return 0
