@@ -20,6 +20,7 @@ from tide_local.errors import TideError
 from tide_local.experts.memory import BudgetError, MemoryPlan, budget_for_slots, parse_memory, plan_memory
 from tide_local.experts.offload import ExpertOffload
 from tide_local.experts.policies import POLICIES, make_policy
+from tide_local.experts.trace import RoutingTrace
 from tide_local.diffusion import BlockEvent, DecodeOptions, DecodeResult, StepEvent, WindowModel, iter_decode
 from tide_local.model.llada2 import LLaDA2Model
 from tide_local.modelfile import ModelFile
@@ -245,6 +246,16 @@ class Engine:
         out["per_layer"] = {layer: vars(s).copy() for layer, s in self.offload.stats.layers.items()}
         out["per_step"] = self.offload.step_log
         return out
+
+    def record_trace(self) -> RoutingTrace:
+        """Start recording the routing of every pass (for the planner and `static`); returns the trace."""
+        cfg = self.config
+        self.model.trace = RoutingTrace(self.file.path.name, cfg.n_experts, cfg.n_experts_used, list(cfg.moe_layers))
+        return self.model.trace
+
+    def stop_trace(self) -> RoutingTrace | None:
+        trace, self.model.trace = self.model.trace, None
+        return trace
 
     def generate(self, prompt, **options) -> GenerationResult:
         """Decode `prompt` (token ids used as is, or a string used as is: no chat template)."""

@@ -19,6 +19,7 @@ import numpy as np
 from tide_local import ggml, llada2
 from tide_local.experts.memory import MemoryPlan
 from tide_local.experts.policies import LayerSlots, Policy
+from tide_local.experts.trace import PassClock
 from tide_local.model.router import Routing
 from tide_local.model.weights import typed
 
@@ -143,22 +144,16 @@ class ExpertOffload:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tide-cpu-experts")
         self.stats = OffloadStats()
         self.step_log: list[dict] = []  # per pass: block start, step, per-layer hits/misses/uploads
-        self._block_start = None
-        self.step = 0
-        self.clock = 0
+        self.clock = PassClock()
         for layer, slots in self.slots.items():
             self._upload(layer, policy.initial(layer, slots), count=False)
 
     # -- the pass clock ----------------------------------------------------------------------------
     def begin_pass(self, start: int, n_tokens: int) -> None:
         """A new forward pass over positions [start, start+n_tokens): steps count within a block."""
-        if start != self._block_start:
-            self._block_start, self.step = start, 0
-        else:
-            self.step += 1
-        self.clock += 1
+        self.clock.tick(start)
         self.stats.passes += 1
-        self.step_log.append({"start": start, "step": self.step, "tokens": n_tokens, "layers": {}})
+        self.step_log.append({"start": start, "step": self.clock.step, "tokens": n_tokens, "layers": {}})
 
     # -- per layer ----------------------------------------------------------------------------------
     def _upload(self, layer: int, uploads: list[tuple[int, int]], count: bool = True) -> None:
@@ -184,7 +179,7 @@ class ExpertOffload:
     def place(self, layer: int, routing: Routing) -> Placement:
         slots = self.slots[layer]
         counts = np.bincount(routing.experts.ravel(), minlength=self.cfg.n_experts)
-        uploads = self.policy.refresh(slots, counts, self.step, self.clock) if slots.n_slots else []
+        uploads = self.policy.refresh(slots, counts, self.clock.step, self.clock.clock) if slots.n_slots else []
         self._upload(layer, uploads)
         slot_ids = slots.slot_of_expert[routing.experts]
         hit = slot_ids >= 0

@@ -453,6 +453,11 @@ def _load_libraries(lib_dir: Path, from_env: bool) -> dict[str, ctypes.CDLL]:
     if not lib_dir.is_dir():
         raise GGMLLibraryError(f"libggml directory {lib_dir} does not exist; {_fix_hint(lib_dir, from_env)}")
     mode = getattr(os, "RTLD_GLOBAL", 0) | getattr(os, "RTLD_NOW", 0)
+    # ggml's CPU backend runs on OpenMP. Its threads spin between graphs by default; we run
+    # dozens of small graphs per step and a CPU expert worker beside them, and spinning
+    # threads that lose their core slow everything by orders of magnitude. Sleeping costs
+    # a wake-up per graph. A user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     handles: dict[str, ctypes.CDLL] = {}
     for stem, required in (("ggml-base", True), ("ggml-cpu", False), ("ggml", True)):
         path = lib_dir / _shared_lib_name(stem)

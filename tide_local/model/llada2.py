@@ -234,13 +234,15 @@ class Pass:
         return self._lm_heads[n_rows]
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, tokens: np.ndarray, rows: np.ndarray | None, on_routing=None) -> np.ndarray | None:
+    def run(self, tokens: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
         """Forward `tokens`; returns logits [len(rows), vocab] (None when rows is None)."""
         m, cfg = self.model, self.model.config
         backend, offload = m.backend, self.offload
         self.embeddings.set(m.weights.embed(tokens))
         if offload is not None:
             offload.begin_pass(self.start, self.n_tokens)
+        if m.trace is not None:
+            m.trace.begin_pass(self.start, self.n_tokens)
         for seg in self.segments:
             if seg.moe_layer is not None:
                 self._experts_inputs(seg.moe_layer)
@@ -254,8 +256,8 @@ class Pass:
                           n_used=cfg.n_experts_used, n_groups=cfg.n_groups, n_groups_used=cfg.n_groups_used,
                           scale=cfg.routed_scaling_factor)
                 m.pending_routing[layer] = r
-                if on_routing is not None:
-                    on_routing(layer, r)
+                if m.trace is not None:
+                    m.trace.record(layer, r.experts)
         if rows is None:
             return None
         rows = np.asarray(rows, dtype=np.int32)
@@ -305,6 +307,7 @@ class LLaDA2Model:
         self.offload = None  # an ExpertOffload, set before the first forward
         self.max_positions = self.config.context_length
         self.compute_seconds = 0.0  # time inside ggml compute on `backend`
+        self.trace = None  # a RoutingTrace while one is recorded
         self.allocator = ggml.GraphAllocator(backend)
         self.cache: KVCache | None = None
         self._passes: dict[tuple[int, int], Pass] = {}
@@ -325,7 +328,7 @@ class LLaDA2Model:
             self.cache = None
             self.cache = KVCache(self.backend, self.config, capacity)
 
-    def forward(self, tokens, start: int, rows=None, on_routing=None) -> np.ndarray | None:
+    def forward(self, tokens, start: int, rows=None) -> np.ndarray | None:
         """One pass: tokens at positions [start, start+T), attending to the cache [0, start).
         Writes their K/V into the cache; returns logits of `rows` (indices into tokens)."""
         tokens = np.asarray(tokens, dtype=np.int32)
@@ -336,4 +339,4 @@ class LLaDA2Model:
             if len(self._passes) > 8:
                 self._passes.clear()
             p = self._passes[key] = Pass(self, len(tokens), start)
-        return p.run(tokens, rows, on_routing)
+        return p.run(tokens, rows)

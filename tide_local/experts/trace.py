@@ -1,0 +1,90 @@
+"""Routing traces: which experts every token chose, per pass and MoE layer.
+
+Recorded by `tide generate --trace FILE` and read by the planner (and by the `static`
+policy, for its popular experts). A pass is one forward: a prefill chunk, a denoising
+step, or a block's final commit; `step` counts passes within the current block.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tide_local.errors import TideError
+
+TRACE_VERSION = 1
+
+
+class TraceError(TideError):
+    """A trace file is corrupt or belongs to another model."""
+
+
+class PassClock:
+    """Counts passes: `step` within the current block (0 at its first pass), `clock` overall."""
+
+    def __init__(self):
+        self.block_start: int | None = None
+        self.step = 0
+        self.clock = 0
+
+    def tick(self, start: int) -> None:
+        if start != self.block_start:
+            self.block_start, self.step = start, 0
+        else:
+            self.step += 1
+        self.clock += 1
+
+
+class RoutingTrace:
+    def __init__(self, model_name: str, n_experts: int, n_used: int, moe_layers: list[int]):
+        self.model_name, self.n_experts, self.n_used, self.moe_layers = model_name, n_experts, n_used, list(moe_layers)
+        self.passes: list[dict] = []
+        self._clock = PassClock()
+
+    def begin_pass(self, start: int, n_tokens: int) -> None:
+        self._clock.tick(start)
+        self.passes.append({"start": start, "step": self._clock.step, "tokens": n_tokens, "layers": {}})
+
+    def record(self, layer: int, experts: np.ndarray) -> None:
+        self.passes[-1]["layers"][layer] = np.asarray(experts, dtype=np.int32)
+
+    def popularity(self) -> dict[int, np.ndarray]:
+        """Routed token-slots per expert, per layer, over the whole trace."""
+        counts = {layer: np.zeros(self.n_experts, dtype=np.int64) for layer in self.moe_layers}
+        for p in self.passes:
+            for layer, experts in p["layers"].items():
+                counts[layer] += np.bincount(experts.ravel(), minlength=self.n_experts)
+        return counts
+
+    def save(self, path) -> None:
+        data = {
+            "version": TRACE_VERSION, "model": self.model_name, "n_experts": self.n_experts,
+            "n_experts_used": self.n_used, "moe_layers": self.moe_layers,
+            "passes": [{**p, "layers": {str(k): v.tolist() for k, v in p["layers"].items()}} for p in self.passes],
+        }
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path, *, n_experts: int | None = None, moe_layers=None) -> "RoutingTrace":
+        """Read a trace; with the model's shape given, a trace of another model is refused."""
+        try:
+            data = json.loads(Path(path).read_text())
+            trace = cls(data["model"], int(data["n_experts"]), int(data["n_experts_used"]), data["moe_layers"])
+            for p in data["passes"]:
+                trace.passes.append({"start": int(p["start"]), "step": int(p["step"]), "tokens": int(p["tokens"]),
+                                     "layers": {int(k): np.asarray(v, dtype=np.int32) for k, v in p["layers"].items()}})
+        except FileNotFoundError:
+            raise TraceError(f"{path}: no such trace file") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise TraceError(f"{path}: not a valid routing trace ({type(err).__name__}: {err})") from None
+        for p in trace.passes:
+            for layer, experts in p["layers"].items():
+                if experts.ndim != 2 or experts.shape != (p["tokens"], trace.n_used) or (
+                        experts.size and (experts.min() < 0 or experts.max() >= trace.n_experts)):
+                    raise TraceError(f"{path}: pass at {p['start']} layer {layer} has malformed expert ids")
+        if n_experts is not None and (n_experts != trace.n_experts or list(moe_layers) != trace.moe_layers):
+            raise TraceError(f"{path}: the trace is of a model with {trace.n_experts} experts and MoE layers "
+                             f"{trace.moe_layers[:1]}..{trace.moe_layers[-1:]}, not this one")
+        return trace
