@@ -147,3 +147,45 @@ def test_lru_uploads_misses_and_evicts_oldest():
     uploads = policy.refresh(slots, counts, 1, clock=2)
     assert uploads == [(int(slots.slot_of_expert[5]), 5)]
     assert set(slots.resident()) == {2, 5}  # 1 was least recently used
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+
+
+def test_generate_offload_cli_stats_and_trace(model_path, tmp_path, capsys):
+    from tide_local.cli import main as tide
+    from tide_local.experts.trace import RoutingTrace
+
+    trace = tmp_path / "trace.json"
+    args = ["generate", "-m", str(model_path), "-p", "Hello", "-n", "40", "--raw", "--device", "emulated",
+            "--policy", "tide", "--tau", "2", "--ctx", "512", "--threads", "2", "--stats", "--trace", str(trace)]
+    assert tide(args + ["--gpu-memory", "26MiB"]) == 0
+    err = capsys.readouterr().err
+    assert "expert offload: device emulated, policy tide, tau 2" in err and "hit rate" in err
+    assert "expert slots per MoE layer" in err
+    t = RoutingTrace.load(trace, n_experts=16, moe_layers=[1, 2, 3])
+    assert t.passes and all(p["layers"][1].shape == (p["tokens"], 4) for p in t.passes)
+    # static placement from the trace's popular experts gives the same tokens
+    assert tide(args[:-2] + ["--json", "--policy", "static", "--static-from", str(trace), "--gpu-memory", "26MiB"]) == 0
+
+
+def test_trace_of_another_model_is_refused(model_path, tmp_path):
+    from tide_local.experts.trace import RoutingTrace, TraceError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(TraceError, match="not a valid routing trace"):
+        RoutingTrace.load(bad)
+    t = RoutingTrace("x", 8, 2, [1, 2])
+    t.save(tmp_path / "t.json")
+    with pytest.raises(TraceError, match="not this one"):
+        RoutingTrace.load(tmp_path / "t.json", n_experts=16, moe_layers=[1, 2, 3])
+
+
+def test_info_memory_plan(model_path, capsys):
+    from tide_local.cli import main as tide
+
+    assert tide(["info", str(model_path), "--gpu-memory", "30MiB", "--ctx", "512"]) == 0
+    assert "expert slots per MoE layer: 16 of 16" in capsys.readouterr().out
+    assert tide(["info", str(model_path), "--gpu-memory", "1MiB"]) == 2
+    assert "smallest budget that works" in capsys.readouterr().err

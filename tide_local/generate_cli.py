@@ -93,6 +93,29 @@ def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true",
                      help="recompute the whole context at every step instead of using the block KV cache "
                      "(slow; same tokens: for checking)")
+    off = p.add_argument_group(
+        "device and expert offload",
+        "Attention, routers, shared experts and the KV cache go to the device; what the budget leaves becomes "
+        "expert slots per MoE layer, and tokens routed to other experts run on the CPU. Every policy gives "
+        "the same tokens; they differ in speed.")
+    off.add_argument("--device", default="auto", metavar="DEV",
+                     help="auto (a GPU of the loaded libggml if any, else CPU only), cpu, emulated (a second CPU "
+                     "backend standing in for a GPU: for tests and studies), or a device name (default: auto)")
+    off.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                     help="device budget, e.g. 6GiB or 6000MiB (default: free device memory minus a reserve)")
+    off.add_argument("--policy", default="tide", choices=["tide", "swap", "static", "lru", "cpu", "resident"],
+                     help="tide: refresh the resident experts every TAU steps from the routing (default); swap: "
+                     "every step; static: never; lru: upload each miss; cpu: no experts on the device; "
+                     "resident: all experts on the device")
+    off.add_argument("--tau", default="auto", metavar="TAU",
+                     help="tide's refresh interval in denoising steps (default: auto)")
+    off.add_argument("--ctx", type=int, default=None, metavar="N",
+                     help="context to plan device memory for (default: 4096 or the model's, if smaller)")
+    off.add_argument("--static-from", metavar="TRACE", default=None,
+                     help="with --policy static: keep each layer's most used experts of this routing trace")
+    off.add_argument("--trace", metavar="FILE", default=None,
+                     help="record the routing (per block, step and MoE layer, every token's experts) to FILE "
+                     "as JSON, for `tide plan` and the static policy")
     return p
 
 
@@ -114,6 +137,10 @@ def _check_options(args) -> dict:
         raise UsageError("--system needs the chat template; leave out --raw (or put the system text in the prompt)")
     if args.demo and args.model:
         raise UsageError("give either -m MODEL.gguf or --demo, not both")
+    if args.tau != "auto" and (not args.tau.isdigit() or int(args.tau) < 1):
+        raise UsageError(f"--tau must be a positive integer or auto, got {args.tau}")
+    if args.ctx is not None and args.ctx < 32:
+        raise UsageError(f"--ctx must be at least 32, got {args.ctx}")
     return options
 
 
@@ -243,7 +270,23 @@ def _run(args) -> int:
     from tide_local.diffusion import BlockEvent
     from tide_local.engine import GenerationResult
 
-    eng = tide_local.load(path, threads=args.threads)
+    from tide_local.errors import TideError
+
+    popularity = None
+    if args.static_from:
+        from tide_local.experts.trace import RoutingTrace
+
+        popularity = RoutingTrace.load(args.static_from).popularity()
+    try:
+        eng = tide_local.load(path, device=args.device, gpu_memory=args.gpu_memory, policy=args.policy,
+                              tau=args.tau if args.tau == "auto" else int(args.tau), threads=args.threads,
+                              n_ctx=args.ctx, popularity=popularity)
+    except ValueError as err:  # e.g. an unreadable --gpu-memory
+        raise UsageError(str(err)) from None
+    if eng.plan is not None and args.stats and not args.json:
+        print(eng.plan.describe(), file=sys.stderr)
+    if args.trace:
+        eng.record_trace()
     try:
         prompt = _read_prompt(args)
         ids, stops = _prompt_ids(eng, args, prompt)
@@ -290,4 +333,28 @@ def _run(args) -> int:
         print(summary_line(result.stats), file=sys.stderr)
     if args.stats:
         print(stats_line(result.stats, args.max_new_tokens, threads), file=sys.stderr)
+        if "per_layer" in result.stats:
+            print(offload_table(result.stats), file=sys.stderr)
+    if args.trace:
+        eng.stop_trace().save(args.trace)
+        if not args.json:
+            print(f"routing trace written to {args.trace}", file=sys.stderr)
     return 0
+
+
+def offload_table(stats: dict) -> str:
+    """Per MoE layer hits, misses and uploads, then totals and where the time went."""
+    lines = [f"expert offload: device {stats['device']}, policy {stats['policy']}"
+             + (f", tau {stats['tau']}" if stats.get("tau") else ""),
+             f"  {'layer':>5} {'hits':>8} {'misses':>8} {'hit rate':>8} {'uploads':>8} {'MB up':>8}"]
+    for layer, s in sorted(stats["per_layer"].items(), key=lambda kv: int(kv[0])):
+        total = s["hits"] + s["misses"]
+        lines.append(f"  {layer:>5} {s['hits']:>8} {s['misses']:>8} {s['hits'] / max(1, total):>8.2f} "
+                     f"{s['uploads']:>8} {s['upload_bytes'] / 1e6:>8.1f}")
+    lines.append(f"  {'all':>5} {stats['hits']:>8} {stats['misses']:>8} {stats['hit_rate']:>8.2f} "
+                 f"{stats['uploads']:>8} {stats['upload_bytes'] / 1e6:>8.1f}")
+    lines.append(
+        f"  time: device compute {stats['device_compute_seconds']:.2f} s, CPU experts {stats['cpu_expert_seconds']:.2f} s "
+        f"(waited {stats['wait_seconds']:.2f} s), uploads {stats['upload_seconds']:.2f} s, "
+        f"host/Python {stats['host_seconds']:.2f} s")
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from tide_local import llada2
+from tide_local.errors import GGUFError
 from tide_local.modelfile import ModelFile
 from tide_local.progress import human_bytes
 
@@ -84,15 +85,33 @@ def build_parser(prog: str = "tide info") -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL.gguf", help="a GGUF written by `tide convert`")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                   help="also show the device memory plan for this budget (e.g. 6GiB): bytes by kind, expert "
+                   "slots per MoE layer, the share of experts resident")
+    p.add_argument("--ctx", type=int, default=4096, metavar="N", help="context to plan the KV cache for (default 4096)")
     return p
 
 
 def main(argv: list[str] | None = None, prog: str = "tide info") -> int:
     args = build_parser(prog).parse_args(argv)
+    from tide_local.experts.memory import parse_memory, plan_memory
+
     with ModelFile(args.model) as model:
         d = describe(model)
+        plan = None
+        if args.gpu_memory is not None:
+            try:
+                budget = parse_memory(args.gpu_memory)
+            except ValueError as err:
+                raise GGUFError(str(err)) from None
+            plan = plan_memory(model, budget, min(args.ctx, model.config.context_length))
     if args.json:
+        if plan is not None:
+            d["memory_plan"] = {"budget": plan.budget, "device_bytes": plan.device_bytes, "slots": plan.slots,
+                                "expert_bytes": plan.expert_bytes, "resident_fraction": plan.resident_fraction}
         print(json.dumps(d, indent=2))
     else:
         print_description(d)
+        if plan is not None:
+            print(plan.describe())
     return 0
