@@ -189,3 +189,22 @@ def test_info_memory_plan(model_path, capsys):
     assert "expert slots per MoE layer: 16 of 16" in capsys.readouterr().out
     assert tide(["info", str(model_path), "--gpu-memory", "1MiB"]) == 2
     assert "smallest budget that works" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy, slots, tau", [("tide", 5, 3), ("swap", 4, None), ("lru", 6, None),
+                                                ("static", 6, None), ("cpu", 0, None)])
+def test_replaying_a_trace_reproduces_the_engine_counts(model_path, policy, slots, tau):
+    from tide_local.experts.replay import replay
+
+    with tide_local.load(model_path, device="emulated", policy=policy, expert_slots=slots, tau=tau or "auto",
+                         n_ctx=N_CTX, threads=2) as eng:
+        trace = eng.record_trace()
+        res = eng.generate(PROMPT, **GEN)
+        eng.stop_trace()
+    replayed = replay(trace, policy, slots, tau=tau or 4)
+    assert len(replayed.passes) == len(res.stats["per_step"])
+    for ran, rep in zip(res.stats["per_step"], replayed.passes):
+        assert (ran["start"], ran["step"], ran["tokens"]) == (rep["start"], rep["step"], rep["tokens"])
+        assert ran["layers"] == rep["layers"]
+    kinds = [p["kind"] for p in replayed.passes]
+    assert kinds[0] == "prefill" and "commit" in kinds and "step" in kinds

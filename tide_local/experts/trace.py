@@ -43,9 +43,11 @@ class RoutingTrace:
         self.passes: list[dict] = []
         self._clock = PassClock()
 
-    def begin_pass(self, start: int, n_tokens: int) -> None:
+    def begin_pass(self, start: int, n_tokens: int, logits: bool) -> None:
+        """`logits`: the pass yields logits (a denoising step), not only K/V (a prefill or commit)."""
         self._clock.tick(start)
-        self.passes.append({"start": start, "step": self._clock.step, "tokens": n_tokens, "layers": {}})
+        self.passes.append({"start": start, "step": self._clock.step, "tokens": n_tokens, "logits": logits,
+                            "layers": {}})
 
     def record(self, layer: int, experts: np.ndarray) -> None:
         self.passes[-1]["layers"][layer] = np.asarray(experts, dtype=np.int32)
@@ -74,6 +76,7 @@ class RoutingTrace:
             trace = cls(data["model"], int(data["n_experts"]), int(data["n_experts_used"]), data["moe_layers"])
             for p in data["passes"]:
                 trace.passes.append({"start": int(p["start"]), "step": int(p["step"]), "tokens": int(p["tokens"]),
+                                     "logits": bool(p["logits"]),
                                      "layers": {int(k): np.asarray(v, dtype=np.int32) for k, v in p["layers"].items()}})
         except FileNotFoundError:
             raise TraceError(f"{path}: no such trace file") from None

@@ -242,7 +242,7 @@ class Pass:
         if offload is not None:
             offload.begin_pass(self.start, self.n_tokens)
         if m.trace is not None:
-            m.trace.begin_pass(self.start, self.n_tokens)
+            m.trace.begin_pass(self.start, self.n_tokens, rows is not None)
         for seg in self.segments:
             if seg.moe_layer is not None:
                 self._experts_inputs(seg.moe_layer)

@@ -1,0 +1,73 @@
+"""Replay a placement policy over a routing trace, exactly as the engine would run it.
+
+The engine's statistics (hits, misses, uploads per pass and layer) depend only on the
+routing and the policy, so a recorded trace replayed through the same `Policy` and
+`LayerSlots` code reproduces them without running the model: this is how policies and
+refresh intervals are compared on a large model, and what the planner's cost model
+counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tide_local.experts.policies import LayerSlots, Policy, make_policy
+from tide_local.experts.trace import PassClock, RoutingTrace
+
+
+@dataclass
+class ReplayResult:
+    policy: str
+    slots: dict[int, int]
+    # per pass: {layer: (hits, misses, uploads)}, with the pass's block start, step and tokens
+    passes: list[dict] = field(default_factory=list)
+
+    def totals(self, layers: list[int] | None = None) -> dict:
+        hits = misses = uploads = 0
+        for p in self.passes:
+            for layer, (h, m, u) in p["layers"].items():
+                if layers is None or layer in layers:
+                    hits, misses, uploads = hits + h, misses + m, uploads + u
+        blocks = len({p["start"] for p in self.passes if p["kind"] == "step"}) or 1
+        return {"hits": hits, "misses": misses, "hit_rate": hits / max(1, hits + misses), "uploads": uploads,
+                "blocks": blocks, "uploads_per_block": uploads / blocks, "cpu_token_slots_per_block": misses / blocks}
+
+
+def classify_passes(trace: RoutingTrace) -> list[str]:
+    """'prefill', 'step' (a denoising step: it yields logits) or 'commit' (a finished block's
+    K/V, right after its steps) for each pass."""
+    kinds = []
+    for i, p in enumerate(trace.passes):
+        if p["logits"]:
+            kinds.append("step")
+        elif i > 0 and trace.passes[i - 1]["logits"] and trace.passes[i - 1]["start"] == p["start"]:
+            kinds.append("commit")
+        else:
+            kinds.append("prefill")
+    return kinds
+
+
+def replay(trace: RoutingTrace, policy: Policy | str, slots: int | dict[int, int], *, tau: int = 4,
+           popularity: dict[int, np.ndarray] | None = None) -> ReplayResult:
+    """Run `policy` over `trace` with `slots` per MoE layer (an int, or per layer)."""
+    if isinstance(policy, str):
+        policy = make_policy(policy, tau, popularity if popularity is not None else None)
+    per_layer = slots if isinstance(slots, dict) else {layer: int(slots) for layer in trace.moe_layers}
+    layer_slots = {layer: LayerSlots(n, trace.n_experts) for layer, n in per_layer.items()}
+    for layer, s in layer_slots.items():
+        policy.initial(layer, s)
+    clock = PassClock()
+    result = ReplayResult(policy.name, per_layer)
+    for p, kind in zip(trace.passes, classify_passes(trace)):
+        clock.tick(p["start"])
+        entry = {"start": p["start"], "step": clock.step, "tokens": p["tokens"], "kind": kind, "layers": {}}
+        for layer, experts in p["layers"].items():
+            s = layer_slots[layer]
+            counts = np.bincount(experts.ravel(), minlength=trace.n_experts)
+            uploads = policy.refresh(s, counts, clock.step, clock.clock) if s.n_slots else []
+            hits = int((s.slot_of_expert[experts] >= 0).sum())
+            entry["layers"][layer] = (hits, experts.size - hits, len(uploads))
+        result.passes.append(entry)
+    return result
