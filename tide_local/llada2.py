@@ -8,6 +8,8 @@ first), the reverse of the Hugging Face / torch order.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, fields
 
 ARCH = "llada2"
@@ -201,10 +203,7 @@ class TensorSpec:
 
     @property
     def n_rows(self) -> int:
-        rows = 1
-        for n in self.ne[1:]:
-            rows *= n
-        return rows
+        return math.prod(self.ne[1:])
 
 
 def expert_tensor_name(layer: int, projection: str) -> str:

@@ -8,6 +8,8 @@ of the mapping.
 
 from __future__ import annotations
 
+import math
+
 import mmap
 import os
 import struct
@@ -62,10 +64,7 @@ class TensorInfo:
 
     @property
     def n_rows(self) -> int:
-        rows = 1
-        for n in self.ne[1:]:
-            rows *= n
-        return rows
+        return math.prod(self.ne[1:])
 
 
 class _Cursor:
