@@ -116,7 +116,7 @@ class Engine:
         self.cpu_backend = ggml.Backend.cpu(threads if device_backend is None else max(1, threads - threads // 2))
         self.plan: MemoryPlan | None = None
         self.policy_name = "cpu-only" if device_backend is None else policy
-        self.tau = None
+        self.tau = self.tau_source = None
         if device_backend is None:
             self.backend = self.cpu_backend
             self.model = LLaDA2Model(self.file, self.backend, self.defaults["block_length"])
@@ -125,8 +125,13 @@ class Engine:
             if expert_slots is not None:  # a budget stated as slots per layer (studies, benchmarks)
                 gpu_memory = budget_for_slots(self.file, expert_slots, self.n_ctx)
             self.plan = self._plan(device_backend, gpu_memory, policy)
-            if policy == "tide":
-                self.tau = DEFAULT_TAU if tau == "auto" else int(tau)
+            if policy == "tide" and tau == "auto":  # the cached plan of `tide plan`, else DEFAULT_TAU (and why)
+                from tide_local.planner.plan import auto_placement
+
+                auto = auto_placement(self.file, self.plan, self.device, DEFAULT_TAU)
+                self.tau, self.plan, self.tau_source = auto.tau, auto.plan, auto.source
+            elif policy == "tide":
+                self.tau, self.tau_source = int(tau), "given"
             self.model = LLaDA2Model(self.file, device_backend, self.defaults["block_length"], on_device=True)
             self.model.offload = ExpertOffload(self.file, self.model.weights, device_backend, self.cpu_backend,
                                                self.plan, make_policy(policy, self.tau or 1, popularity))
@@ -242,6 +247,7 @@ class Engine:
         totals = self.offload.stats.totals()
         out.update(totals)
         out["tau"] = self.tau
+        out["tau_source"] = self.tau_source
         out["host_seconds"] = wall - self.model.compute_seconds - totals["wait_seconds"] - totals["upload_seconds"]
         out["per_layer"] = {layer: vars(s).copy() for layer, s in self.offload.stats.layers.items()}
         out["per_step"] = self.offload.step_log
