@@ -1,0 +1,656 @@
+"""`tide chat`: a terminal chat with a LLaDA2 model that shows block diffusion at work.
+
+The model loads and generates in worker threads; the UI thread only draws. While an answer
+is decoded the worker records each denoising step in a :class:`LiveAnswer` and wakes the UI
+with one message at a time; the UI draws the latest state at most once a frame, so fast
+steps are coalesced and a slow step never freezes the screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Footer, Header
+
+from .commands import Command, CommandError, GenerationSettings, message_text, parse_command
+from .live import LiveAnswer, Snapshot, TokenText
+from .widgets import (AssistantMessage, Conversation, HelpScreen, LoadingView, Note, PromptInput, StatusLine,
+                      UserMessage)
+
+FRAME_SECONDS = 1 / 30  # the live canvas is redrawn at most this often
+SHUTDOWN_WAIT_SECONDS = 30  # at exit, how long to wait for the step being computed before closing the model
+
+
+# -- messages from the workers -------------------------------------------------------------------
+class LoadStage(Message):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class Loaded(Message):
+    def __init__(self, engine, path: str, seconds: float) -> None:
+        super().__init__()
+        self.engine, self.path, self.seconds = engine, path, seconds
+
+
+class LoadFailed(Message):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+
+@dataclass(eq=False)
+class Turn:
+    """One answer being generated."""
+
+    messages: list[dict]  # what the model reads: system prompt and conversation, the new user turn last
+    options: dict  # decoder options for Engine.stream
+    widget: AssistantMessage
+    user_text: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    live: LiveAnswer | None = None
+    wake_pending: bool = False  # a Progress message is on its way to the UI
+    draw_scheduled: bool = False
+    last_draw: float = 0.0
+
+
+class Progress(Message):
+    def __init__(self, turn: Turn) -> None:
+        super().__init__()
+        self.turn = turn
+
+
+class AnswerEnded(Message):
+    """The worker is done with a turn: a result, a stop, or an error."""
+
+    def __init__(self, turn: Turn, result=None, error: BaseException | None = None) -> None:
+        super().__init__()
+        self.turn, self.result, self.error = turn, result, error
+
+
+# -- formatting ------------------------------------------------------------------------------------
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def speed_text(stats: dict) -> str:
+    per_block = stats.get("steps_per_block") or []
+    steps_per_block = sum(per_block) / len(per_block) if per_block else 0.0
+    return (f"{stats.get('tokens_per_second', 0.0):.1f} tokens/s · {steps_per_block:.1f} steps/block · "
+            f"{stats.get('tokens_per_step', 0.0):.2f} tokens/step")
+
+
+def offload_text(stats: dict, plan) -> str:
+    """Hit rate, upload volume, the CPU's share of the routed expert work and the device
+    memory in use; empty without offload."""
+    if "hit_rate" not in stats:
+        return ""
+    slots = stats.get("hits", 0) + stats.get("misses", 0)
+    cpu_share = stats.get("cpu_token_slots", stats.get("misses", 0)) / slots if slots else 0.0
+    parts = [f"{stats['device']} hits {stats['hit_rate'] * 100:.1f}%", f"{_mb(stats.get('upload_bytes', 0))} uploaded",
+             f"CPU {cpu_share * 100:.1f}% of experts"]
+    if plan is not None:
+        parts.append(f"device memory {plan.total_bytes / 2**20:.0f} MiB")
+    return " · ".join(parts)
+
+
+def turn_footer(stats: dict) -> str:
+    per_block = stats.get("steps_per_block") or []
+    steps_per_block = sum(per_block) / len(per_block) if per_block else 0.0
+    end = "" if stats.get("stopped") else " · hit max_new_tokens" if stats.get("limit_reached") else ""
+    return (f"{stats['tokens']} tokens · {stats['tokens_per_second']:.1f} tok/s · {steps_per_block:.1f} steps/block · "
+            f"{stats['tokens_per_step']:.2f} tok/step · {stats.get('wall_seconds', stats['seconds']):.1f} s{end}")
+
+
+def describe_error(err: BaseException) -> str:
+    from tide_local.errors import TideError
+
+    if isinstance(err, (TideError, ValueError)):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+class ChatApp(App):
+    """Chat with a LLaDA2 GGUF (or the demo model) and watch its blocks denoise."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "tide chat"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("escape", "stop", "Stop answer"),
+        Binding("ctrl+n", "new_conversation", "New chat"),
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    generating = reactive(False, bindings=True)
+
+    def __init__(self, model: str | os.PathLike | None = None, *, demo: bool = False, load_options: dict | None = None,
+                 system: str | None = None, options: dict | None = None) -> None:
+        super().__init__()
+        if (model is None) == (not demo):
+            raise ValueError("give a model path or demo=True")
+        self.model_path = None if model is None else str(model)
+        self.demo = demo
+        self.load_options = dict(load_options or {})
+        self.system = system
+        self.settings = GenerationSettings(options)
+        self.engine = None
+        self.messages: list[dict] = []  # the conversation: user and assistant turns
+        self.turn: Turn | None = None
+        self.last_stats: dict | None = None
+        self.load_error: str | None = None
+        self._engine_lock = threading.Lock()  # held by the worker using the engine
+        self._closing = False
+        self._stages: list[list] = []  # [text, started, seconds or None]
+        self._stage_timer = None
+
+    # -- layout ----------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header(icon="◇")
+        yield LoadingView(id="loading")
+        yield Conversation(id="conversation")
+        yield StatusLine(id="status", markup=False)
+        yield PromptInput(id="input", placeholder="Message · Enter sends · Ctrl+J new line · /help", disabled=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(Conversation).display = False
+        self.sub_title = "loading"
+        self._stage_timer = self.set_interval(0.1, self._show_stages)
+        self._load_model()
+
+    # -- loading ---------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def _load_model(self) -> None:
+        import tide_local
+
+        with self._engine_lock:
+            try:
+                started = time.perf_counter()
+                if self.demo:
+                    from tide_local.demo import cache_dir, demo_model_path
+
+                    self.post_message(LoadStage(f"preparing the demo model (built on first use, cached in "
+                                                f"{cache_dir()})"))
+                    path = str(demo_model_path(progress=False))
+                else:
+                    path = self.model_path
+                self.post_message(LoadStage(self._load_stage_text(path)))
+                engine = tide_local.load(path, **self.load_options)
+                if self._closing:
+                    engine.close()
+                    return
+                self.engine = engine  # here, under the lock, so that close_engine always finds it
+                self.post_message(Loaded(engine, path, time.perf_counter() - started))
+            except Exception as err:  # shown in the app, which stays up to say so
+                self.post_message(LoadFailed(err))
+
+    def _load_stage_text(self, path: str) -> str:
+        from tide_local.progress import human_bytes
+
+        size = human_bytes(os.path.getsize(path)) if os.path.exists(path) else "?"
+        text = f"loading {Path(path).name} ({size}): memory-mapping the file, reading the tokenizer"
+        device = self.load_options.get("device", "auto")
+        if device == "cpu":
+            return text
+        budget = self.load_options.get("gpu_memory") or "free memory"
+        upload = (f"planning device memory (budget: {budget}) and uploading attention, shared experts, "
+                  "the LM head and the expert slots")
+        if device == "auto":
+            return f"{text}; with a GPU, {upload} to it"
+        return f"{text}; {upload} to {device}"
+
+    def on_load_stage(self, message: LoadStage) -> None:
+        now = time.perf_counter()
+        if self._stages and self._stages[-1][2] is None:
+            self._stages[-1][2] = now - self._stages[-1][1]
+        self._stages.append([message.text, now, None])
+        self._show_stages()
+
+    def _show_stages(self) -> None:
+        now = time.perf_counter()
+        lines = []
+        for text, started, seconds in self._stages:
+            if seconds is None:
+                lines.append(f"… {text}  {now - started:.1f} s")
+            else:
+                lines.append(f"✓ {text}  {seconds:.1f} s")
+        self.query_one(LoadingView).show(lines or ["starting"])
+
+    def _end_loading(self) -> None:
+        if self._stage_timer is not None:
+            self._stage_timer.stop()
+            self._stage_timer = None
+        self.query_one(LoadingView).display = False
+        self.query_one(Conversation).display = True
+
+    async def on_loaded(self, message: Loaded) -> None:
+        self.settings.model_defaults = dict(message.engine.defaults)
+        self._end_loading()
+        name = Path(message.path).name
+        self.sub_title = f"{'demo model' if self.demo else name} · {self._placement()}"
+        await self._welcome(name, message.seconds)
+        prompt = self.query_one(PromptInput)
+        prompt.disabled = False
+        prompt.focus()
+        self._show_status()
+
+    async def on_load_failed(self, message: LoadFailed) -> None:
+        self.load_error = describe_error(message.error)
+        self._end_loading()
+        self.sub_title = "no model"
+        await self.add_note(f"could not load the model: {self.load_error}\n\nCtrl+Q quits.", "error", "error")
+        self._show_status()
+
+    def _placement(self) -> str:
+        eng = self.engine
+        if eng is None:
+            return ""
+        if eng.plan is None:
+            return f"{eng.device}, {eng.threads} threads"
+        tau = f" tau {eng.tau}" if eng.tau else ""
+        return f"{eng.device} · {eng.policy_name}{tau}"
+
+    async def _welcome(self, name: str, seconds: float) -> None:
+        eng = self.engine
+        lines = [f"{name} loaded in {seconds:.1f} s · {self._placement()} · context {eng.n_ctx}"]
+        if eng.plan is not None:
+            lines.append(f"device memory plan: {eng.plan.total_bytes / 2**20:.0f} MiB; /stats shows it in full")
+        if self.demo:
+            lines.append("The demo model has random weights: its answers are noise, but the decoding you see is real.")
+        if self.system:
+            lines.append(f"system prompt: {self.system}")
+        lines.append("Enter sends · Ctrl+J new line · Esc stops an answer · Ctrl+N new chat · F1 or /help for more")
+        await self.add_note("\n".join(lines))
+
+    # -- the conversation ------------------------------------------------------------------------
+    async def add_note(self, text: str, kind: str = "info", title: str | None = None) -> Note:
+        note = Note(text, kind, title)
+        await self.query_one(Conversation).mount(note)
+        return note
+
+    def chat_messages(self) -> list[dict]:
+        """What the model reads: the system prompt, then the conversation."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + list(self.messages)
+
+    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text
+        if not text.strip():
+            return
+        prompt = self.query_one(PromptInput)
+        try:
+            command = parse_command(text)
+        except CommandError as err:
+            await self.add_note(str(err), "error")
+            return
+        if command is not None:
+            prompt.clear()
+            await self.run_command(command)
+            return
+        if self.engine is None:
+            self.notify("the model is not loaded", severity="warning")
+            return
+        if self.turn is not None:
+            self.notify("still answering: Esc stops the answer", severity="warning")
+            return
+        prompt.clear()
+        await self.send(message_text(text))
+
+    async def send(self, text: str) -> None:
+        """Add a user turn and start answering it."""
+        conversation = self.query_one(Conversation)
+        self.messages.append({"role": "user", "content": text})
+        await conversation.mount(UserMessage(text))
+        widget = AssistantMessage(TokenText(self.engine.tokenizer))
+        await conversation.mount(widget)
+        self.turn = Turn(self.chat_messages(), self.settings.options(), widget, text)
+        self.generating = True
+        self._show_status()
+        self._generate(self.turn)
+
+    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
+    def _generate(self, turn: Turn) -> None:
+        from tide_local.diffusion import BlockEvent, StepEvent
+
+        with self._engine_lock:
+            if turn.stop.is_set() or self._closing:
+                self.post_message(AnswerEnded(turn))
+                return
+            eng, events, result = self.engine, None, None
+            try:
+                ids = eng.chat_prompt(turn.messages)
+                stops = eng.chat_stop_ids()
+                turn.live = LiveAnswer(len(ids), turn.options["max_new_tokens"], stops, eng.mask_id)
+                events = eng.stream(ids, stop_ids=stops, **turn.options)
+                for event in events:
+                    if isinstance(event, StepEvent):
+                        turn.live.step(event)
+                    elif isinstance(event, BlockEvent):
+                        turn.live.block(event)
+                    else:
+                        result = event
+                        break
+                    if not turn.wake_pending:
+                        turn.wake_pending = True
+                        self.post_message(Progress(turn))
+                    if turn.stop.is_set():
+                        break
+            except Exception as err:  # shown in the app; the conversation goes on
+                self.post_message(AnswerEnded(turn, error=err))
+                return
+            finally:
+                if events is not None:
+                    events.close()
+            self.post_message(AnswerEnded(turn, result=result))
+
+    def on_progress(self, message: Progress) -> None:
+        turn = message.turn
+        if turn is not self.turn or turn.draw_scheduled:
+            return
+        wait = turn.last_draw + FRAME_SECONDS - time.perf_counter()
+        if wait > 0:
+            turn.draw_scheduled = True
+            self.set_timer(wait, lambda: self._draw(turn))
+        else:
+            self._draw(turn)
+
+    def _draw(self, turn: Turn) -> None:
+        turn.draw_scheduled = False
+        if turn is not self.turn or turn.live is None:
+            return
+        turn.wake_pending = False  # before the snapshot: a step after it wakes us again
+        snap = turn.live.snapshot()
+        turn.last_draw = time.perf_counter()
+        turn.widget.draw(snap)
+        self._show_live_status(snap)
+
+    async def on_answer_ended(self, message: AnswerEnded) -> None:
+        turn = message.turn
+        if turn is not self.turn:  # the conversation was reset meanwhile
+            return
+        try:
+            await self._end_turn(turn, message.result, message.error)
+        finally:  # the turn counts as running until its message is final
+            self.turn = None
+            self.generating = False
+            self._show_status()
+
+    async def _end_turn(self, turn: Turn, result, error: BaseException | None) -> None:
+        if result is not None:
+            stats = dict(result.stats)
+            stats["limit_reached"] = stats["tokens"] >= turn.options["max_new_tokens"]
+            self.last_stats = stats
+            self.messages.append({"role": "assistant", "content": result.text})
+            await turn.widget.finish(result.text, turn_footer(stats))
+            return
+        partial = turn.live.partial_ids() if turn.live is not None else []
+        if error is not None and not partial:
+            await self._unsend(turn, error)
+            return
+        text = self.engine.tokenizer.decode(partial) if partial else ""
+        self.messages.append({"role": "assistant", "content": text})
+        footer = f"{'stopped' if error is None else 'failed'} · {len(partial)} tokens kept"
+        if turn.live is not None:
+            snap = turn.live.snapshot()
+            footer += f" · {snap.steps} steps · {snap.seconds:.1f} s"
+        await turn.widget.finish(text, footer, stopped=True)
+        if error is not None:
+            await self.add_note(f"generation failed: {describe_error(error)}\n"
+                                "The answer so far is kept in the conversation.", "error", "error")
+
+    async def _unsend(self, turn: Turn, error: BaseException) -> None:
+        """An answer that failed before its first token: take the user turn back out of the
+        conversation (so the next message does not fail the same way) and into the input."""
+        if self.messages and self.messages[-1] == {"role": "user", "content": turn.user_text}:
+            self.messages.pop()
+        await turn.widget.remove()
+        text = describe_error(error)
+        hints = ["The message was not added to the conversation."]
+        prompt = self.query_one(PromptInput)
+        if not prompt.text.strip():
+            prompt.text = turn.user_text
+            prompt.move_cursor(prompt.document.end)
+            hints[0] += " It is back in the input."
+        if "context" in text:
+            hints.append("Start a new conversation (Ctrl+N or /reset), shorten the message, "
+                         "or lower the answer length (/set max_new_tokens N).")
+        await self.add_note(text + "\n" + " ".join(hints), "error", "error")
+
+    # -- status line -----------------------------------------------------------------------------
+    def _status_head(self) -> str:
+        if self.engine is None:
+            return "no model" if self.load_error else "loading"
+        return self._placement()
+
+    def _show_status(self) -> None:
+        out = Text()
+        out.append(self._status_head(), style="bold")
+        if self.last_stats is not None:
+            out.append("  " + speed_text(self.last_stats))
+            offload = offload_text(self.last_stats, self.engine.plan if self.engine else None)
+            if offload:
+                out.append("  " + offload)
+        elif self.engine is not None and self.engine.plan is not None:
+            out.append(f"  device memory {self.engine.plan.total_bytes / 2**20:.0f} MiB")
+        self.query_one(StatusLine).update(out)
+
+    def _show_live_status(self, snap: Snapshot) -> None:
+        rate = snap.tokens / snap.seconds if snap.seconds > 0 else 0.0
+        per_step = snap.tokens / snap.steps if snap.steps else 0.0
+        out = Text()
+        out.append(self._status_head(), style="bold")
+        out.append(f"  decoding block {snap.block} · {snap.tokens} tokens · {rate:.1f} tokens/s · "
+                   f"{per_step:.2f} tokens/step · Esc stops")
+        self.query_one(StatusLine).update(out)
+
+    # -- commands and keys -----------------------------------------------------------------------
+    async def run_command(self, command: Command) -> None:
+        try:
+            if command.name == "reset":
+                await self.action_new_conversation()
+            elif command.name == "system":
+                await self._system(command.argument)
+            elif command.name == "set":
+                if not command.argument:
+                    await self.add_note(self.settings.describe(), title="generation options")
+                else:
+                    await self.add_note(self.settings.set(command.argument))
+            elif command.name == "stats":
+                await self.add_note(self.stats_text(), title="stats")
+            elif command.name == "help":
+                self.action_help()
+            elif command.name == "quit":
+                self.exit()
+        except CommandError as err:
+            await self.add_note(str(err), "error")
+
+    async def _system(self, text: str) -> None:
+        if not text:
+            await self.add_note(f"system prompt: {self.system}" if self.system else
+                                "no system prompt (/system TEXT sets one)")
+        elif text.lower() == "off":
+            self.system = None
+            await self.add_note("system prompt removed")
+        else:
+            self.system = text
+            await self.add_note(f"system prompt set for the next answers: {text}")
+
+    def stats_text(self) -> str:
+        from tide_local.generate_cli import offload_table, summary_line
+
+        lines = []
+        stats = self.last_stats
+        if stats is None:
+            lines.append("no answer yet")
+        else:
+            lines.append(summary_line(stats))
+            lines.append(f"prompt {stats['prompt_tokens']} tokens (prefill {stats['prefill_seconds']:.2f} s), "
+                         f"{stats['blocks']} blocks, {stats['steps']} steps (per block {stats['steps_per_block']}), "
+                         f"{stats.get('forwards', '?')} forwards")
+            if "per_layer" in stats:
+                lines.append(offload_table(stats))
+        if self.engine is not None:
+            lines.append(f"placement: {self._placement()}")
+            if self.engine.plan is not None:
+                lines.append(self.engine.plan.describe())
+        lines.append("generation options:\n" + self.settings.describe())
+        return "\n".join(lines)
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action == "stop":
+            return True if self.generating else None
+        return True
+
+    def action_stop(self) -> None:
+        if self.turn is not None and not self.turn.stop.is_set():
+            self.turn.stop.set()
+            self.notify("stopping after the current step")
+
+    async def action_new_conversation(self) -> None:
+        if self.turn is not None:  # its result will be ignored
+            self.turn.stop.set()
+            self.turn = None
+            self.generating = False
+        self.messages.clear()
+        self.last_stats = None
+        await self.query_one(Conversation).remove_children()
+        note = "new conversation"
+        if self.system:
+            note += f" · system prompt: {self.system}"
+        await self.add_note(note)
+        self._show_status()
+        if self.engine is not None:
+            self.query_one(PromptInput).focus()
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def close_engine(self) -> None:
+        """Stop any answer, wait for the step being computed, and release the model."""
+        self._closing = True
+        if self.turn is not None:
+            self.turn.stop.set()
+        if not self._engine_lock.acquire(timeout=SHUTDOWN_WAIT_SECONDS):
+            return  # a step that never ends: leave the model to the process exit
+        try:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
+        finally:
+            self._engine_lock.release()
+
+    def on_unmount(self) -> None:
+        self.close_engine()
+
+
+# -- the command -----------------------------------------------------------------------------------
+DESCRIPTION = """\
+Chat with a LLaDA2 GGUF (written by `tide convert`) in the terminal. Each turn goes through the
+model's chat template with the whole conversation. While the model decodes, the active block of
+32 tokens is drawn live: masked positions resolve into text as the denoising steps commit them,
+and finished blocks flow into the answer. The status line shows tokens/s, steps per block and
+tokens per step, and with expert offload the device hit rate, uploads and the CPU's share.
+
+Keys: Enter sends, Ctrl+J inserts a newline, Esc stops an answer, Ctrl+N starts a new
+conversation, F1 shows help, Ctrl+Q quits. Commands: /reset, /system TEXT, /set NAME VALUE,
+/stats, /help, /quit."""
+
+EPILOG = """\
+examples:
+  tide chat --demo
+  tide chat -m llada2-mini-q4_k_m.gguf --system "You are a concise assistant."
+  tide chat -m mini.gguf --gpu-memory 6GiB --policy tide --threshold 0.9
+  tide chat -m mini.gguf --device emulated --gpu-memory 2GiB      # watch the offload without a GPU
+
+--demo runs a tiny model with random weights (built on first use and cached in $TIDE_CACHE_DIR,
+else ~/.cache/tide-local): its answers are noise, but the decoding is real.
+"""
+
+NO_MODEL = """\
+no model given. Either:
+  tide chat -m MODEL.gguf   a LLaDA2 GGUF: download a checkpoint as models.md explains
+                            (e.g. LLaDA2.0-mini) and convert it with
+                            `tide convert ./LLaDA2.0-mini -o mini.gguf --type q4_k_m`
+  tide chat --demo          a tiny model with random weights (its answers are noise),
+                            to try the app without a download"""
+
+
+def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(raw=False)  # for generate_cli's option checks: chat always uses the chat template
+    src = p.add_argument_group("model")
+    src.add_argument("-m", "--model", metavar="MODEL.gguf", help="a LLaDA2 GGUF written by `tide convert`")
+    src.add_argument("--demo", action="store_true",
+                     help="use the demo model (tiny, random weights: its answers are noise); built and cached on first use")
+    src.add_argument("--system", metavar="TEXT", help="system prompt (change it in the app with /system)")
+
+    dec = p.add_argument_group("decoding (change them in the app with /set NAME VALUE)")
+    dec.add_argument("-n", "--max-new-tokens", type=int, default=512, metavar="N",
+                     help="answer with at most N tokens (default: 512)")
+    dec.add_argument("--threshold", type=float, default=None, metavar="T",
+                     help="commit every masked token whose confidence is above T in (0, 1] in one step; lower is "
+                     "faster (default: the model's; 0.95 for LLaDA2.0)")
+    dec.add_argument("--steps", type=int, default=None, metavar="S",
+                     help="denoising steps per block at most (default: the model's; 32 for LLaDA2.0)")
+    dec.add_argument("--temperature", type=float, default=None, metavar="T", help="sampling temperature; 0 is greedy")
+    dec.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
+    dec.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling within probability P")
+    dec.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler, for repeatable answers")
+
+    off = p.add_argument_group("device and expert offload (as for `tide generate`)")
+    off.add_argument("--device", default="auto", metavar="DEV",
+                     help="auto (a GPU of the loaded libggml if any, else CPU only), cpu, emulated, or a device name")
+    off.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                     help="device budget, e.g. 6GiB (default: free device memory minus a reserve)")
+    off.add_argument("--policy", default="tide", choices=["tide", "swap", "static", "lru", "cpu", "resident"],
+                     help="expert placement policy (default: tide)")
+    off.add_argument("--tau", default="auto", metavar="TAU", help="tide's refresh interval in steps (default: auto)")
+    off.add_argument("--ctx", type=int, default=None, metavar="N", help="context to plan device memory for")
+    off.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+
+    ui = p.add_argument_group("display")
+    ui.add_argument("--inline", action="store_true", help="run under the prompt instead of taking the whole screen")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "tide chat") -> int:
+    from tide_local.generate_cli import UsageError, _check_options
+
+    args = build_parser(prog).parse_args(argv)
+    try:
+        options = _check_options(args)
+        if not args.model and not args.demo:
+            raise UsageError(NO_MODEL)
+        if args.model and not Path(args.model).is_file():
+            raise UsageError(f"no such file: {args.model} (a LLaDA2 GGUF written by `tide convert`; see models.md)")
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    load_options = {"device": args.device, "gpu_memory": args.gpu_memory, "policy": args.policy,
+                    "tau": args.tau if args.tau == "auto" else int(args.tau), "threads": args.threads,
+                    "n_ctx": args.ctx}
+    app = ChatApp(args.model, demo=args.demo, load_options=load_options, system=args.system, options=options)
+    app.run(inline=args.inline)
+    return app.return_code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
