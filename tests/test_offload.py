@@ -208,3 +208,14 @@ def test_replaying_a_trace_reproduces_the_engine_counts(model_path, policy, slot
         assert ran["layers"] == rep["layers"]
     kinds = [p["kind"] for p in replayed.passes]
     assert kinds[0] == "prefill" and "commit" in kinds and "step" in kinds
+
+
+def test_deep_model_with_offload_builds_its_graphs(tmp_path):
+    # every layer adds nodes to a pass (the device share is its own graph): a 20-layer
+    # model must fit as well as the 4-layer test model
+    ckpt = make_checkpoint(tmp_path / "hf", {"num_hidden_layers": 20}, preset="tiny", seed=2)
+    path = tmp_path / "deep.gguf"
+    convert(ckpt, path, "q8_0", progress=False)
+    with tide_local.load(path, device="emulated", policy="tide", expert_slots=4, n_ctx=N_CTX, threads=2) as eng:
+        res = eng.generate(PROMPT[:20], max_new_tokens=8)
+        assert len(res.tokens) == 8 and 0 < res.stats["hit_rate"] < 1

@@ -80,7 +80,7 @@ class Pass:
     def __init__(self, model: "LLaDA2Model", n_tokens: int, start: int):
         self.model, self.n_tokens, self.start = model, n_tokens, start
         cfg, T = model.config, n_tokens
-        self.ctx = ctx = ggml.Context(max_tensors=64 + 64 * cfg.n_layers)
+        self.ctx = ctx = ggml.Context(max_tensors=64 + 128 * cfg.n_layers)
         # persistent inputs and the activations that cross graphs
         self.embeddings = ctx.new_tensor(F32, ne=(cfg.hidden_size, T), name="embeddings")
         self.positions = ctx.new_tensor(I32, ne=(T,), name="positions")
