@@ -3,6 +3,7 @@ cost model counts what the engine counts, and bad inputs give one clear error ea
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -62,7 +63,8 @@ def recorded_trace(model_path, tmp_path_factory):
 
 def toy_costs(upload: float = 2e-4, cpu_row: float = 2e-5) -> Costs:
     """Made-up prices where uploads and CPU rows both matter."""
-    return Costs(upload_per_copy_s=upload / 3, upload_per_byte_s=1e-12, copies_per_expert=3, cpu_per_call_s=5e-5,
+    return Costs(upload_per_copy_s=upload / 3, upload_per_byte_s=1e-12, copies_per_expert=3, upload_per_call_s=2e-5,
+                 cpu_per_call_s=5e-5,
                  cpu_per_weight_byte_s=1e-10, cpu_per_flop_s=cpu_row / 200_000, device_per_call_s=3e-5,
                  device_per_weight_byte_s=1e-11, device_per_flop_s=1e-13, layer_s=2e-4, layer_per_token_s=1e-6,
                  layer_per_token_key_s=1e-9, logits_pass_s=1e-4)
@@ -92,8 +94,10 @@ def test_milp_optimum_equals_brute_force(seed, slots_for_memory, upload):
     budgets, taus = [0, 2, 4, 6, 8], [1, 2, 4, 9]
     table = build_cost_table(trace, shape, toy_costs(upload), budgets=budgets, taus=taus,
                              capacity=slots_for_memory * shape.expert_bytes)
-    for per_layer_tau, uniform in ((False, False), (True, False), (False, True)):
-        sol = solve(table, per_layer_tau=per_layer_tau, uniform=uniform)
+    for (per_layer_tau, uniform), branch in itertools.product(((False, False), (True, False), (False, True)),
+                                                              (True, False)):
+        # branch: the shared tau (budget) fixed in turn; else CBC gets the whole linked program
+        sol = solve(table, per_layer_tau=per_layer_tau, uniform=uniform, branch_shared=branch)
         best = brute_force(table, per_layer_tau=per_layer_tau, uniform=uniform)
         assert sol.seconds_per_block == pytest.approx(best, rel=1e-9, abs=1e-12)
         assert sum(sol.slots.values()) <= slots_for_memory
@@ -132,7 +136,8 @@ def test_layer_time_is_uploads_then_the_slower_side_then_fixed_work():
     t = layer_times(counts, shape, costs)
     i, j = 3, 1  # a denoising step, layer 2
     T, m = counts.tokens[i], counts.misses[i, j]
-    up = counts.uploads[i, j] * (3 * costs.upload_per_copy_s + costs.upload_per_byte_s * shape.expert_bytes)
+    up = counts.uploads[i, j] * (3 * costs.upload_per_copy_s + costs.upload_per_byte_s * shape.expert_bytes) + \
+        (costs.upload_per_call_s if counts.uploads[i, j] else 0.0)
     rows = 2 ** int(np.ceil(np.log2(m))) if m else 0
     cpu = (costs.cpu_per_call_s + costs.cpu_per_weight_byte_s * counts.cpu_experts[i, j] * shape.expert_bytes
            + costs.cpu_per_flop_s * rows * shape.expert_flops_per_row) if m else 0.0
@@ -232,7 +237,8 @@ def test_profile_measures_this_machine(model_path, shape, tmp_path, capsys):
     assert costs.upload_per_byte_s > 0 and costs.logits_pass_s >= 0
     # something costs time on each side
     assert costs.cpu_seconds(64, 8, shape) > 0 and costs.device_seconds(128, 8, shape) > 0
-    assert set(profile.samples) == {"upload", "cpu_experts", "device_experts", "fixed"}
+    assert set(profile.samples) == {"upload", "cpu_experts", "device_experts", "overlap", "fixed"}
+    assert costs.overlap_slowdown >= 1
 
 
 def test_presets_are_labelled_estimates_and_price_any_model():

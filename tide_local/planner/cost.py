@@ -9,7 +9,8 @@ turns those counts into seconds the way the engine spends them in one MoE layer:
 
     uploads (synchronous, before the layer's experts)
     + copy of the layer input to the host        (when there are misses)
-    + max(device hits, CPU misses)               (they run concurrently)
+    + max(device hits, CPU misses)               (they run concurrently; on an emulated device,
+                                                  which shares the host, plus a measured slowdown)
     + copy of the CPU outputs back to the device (when there are misses)
     + fixed work: attention, router, shared expert, combine, host routing
 
@@ -38,6 +39,7 @@ class Costs:
     upload_per_copy_s: float
     upload_per_byte_s: float
     copies_per_expert: int
+    upload_per_call_s: float  # once per layer and pass that uploads (host-side bookkeeping)
     cpu_per_call_s: float
     cpu_per_weight_byte_s: float
     cpu_per_flop_s: float
@@ -48,11 +50,15 @@ class Costs:
     layer_per_token_s: float
     layer_per_token_key_s: float
     logits_pass_s: float
+    # > 1 when the device and the CPU share cores or memory bandwidth (an emulated device): while both
+    # run, each progresses this many times slower, so a layer takes max + (slowdown - 1) * min
+    overlap_slowdown: float = 1.0
 
     def upload_seconds(self, experts, expert_bytes: int):
-        """Uploading `experts` experts (each `copies_per_expert` copies: gate, up, down)."""
-        return np.asarray(experts) * (self.copies_per_expert * self.upload_per_copy_s
-                                      + self.upload_per_byte_s * expert_bytes)
+        """One layer uploading `experts` experts (each `copies_per_expert` copies: gate, up, down)."""
+        experts = np.asarray(experts)
+        return np.where(experts > 0, self.upload_per_call_s, 0.0) + experts * (
+            self.copies_per_expert * self.upload_per_copy_s + self.upload_per_byte_s * expert_bytes)
 
     def copy_seconds(self, nbytes):
         """One host<->device copy of `nbytes` (activations; both directions assumed alike)."""
@@ -194,15 +200,26 @@ class LayerTimes:
     cpu: np.ndarray
     device: np.ndarray
     fixed: np.ndarray
+    slowdown: float = 1.0
+
+    @property
+    def overlapped(self) -> np.ndarray:
+        """The device and CPU shares run at once: the longer one, plus what sharing costs."""
+        return np.maximum(self.cpu, self.device) + (self.slowdown - 1) * np.minimum(self.cpu, self.device)
+
+    @property
+    def cpu_as_run(self) -> np.ndarray:
+        """The CPU share's duration while the device also works (what the engine's statistics time)."""
+        return self.cpu + (self.slowdown - 1) * np.minimum(self.cpu, self.device)
 
     @property
     def total(self) -> np.ndarray:
-        return self.upload + self.transfer + np.maximum(self.cpu, self.device) + self.fixed
+        return self.variable + self.fixed
 
     @property
     def variable(self) -> np.ndarray:
         """What the placement decides (everything but the fixed work)."""
-        return self.upload + self.transfer + np.maximum(self.cpu, self.device)
+        return self.upload + self.transfer + self.overlapped
 
 
 def layer_times(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> LayerTimes:
@@ -216,7 +233,7 @@ def layer_times(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> Lay
     device = np.where(has_slots, costs.device_seconds(tokens * K, counts.device_experts, shape), 0.0)
     keys = (counts.start + counts.tokens)[:, None]
     fixed = np.broadcast_to(costs.layer_fixed_seconds(tokens, keys), upload.shape).astype(float)
-    return LayerTimes(upload, transfer, cpu, device, fixed)
+    return LayerTimes(upload, transfer, cpu, device, fixed, costs.overlap_slowdown)
 
 
 @dataclass

@@ -220,10 +220,26 @@ def make_plan(trace, shape, profile, budget: int, n_ctx: int, *, budgets=None, t
         "tide (uniform, paper)": predict(trace, shape, costs, "tide", uniform, tau=paper.tau),
         "swap": predict(trace, shape, costs, "swap", uniform),
         "static": predict(trace, shape, costs, "static", uniform, popularity=popularity),
+        "static (ids 0..B-1)": predict(trace, shape, costs, "static", uniform),
         "lru": predict(trace, shape, costs, "lru", uniform),
         "cpu": predict(trace, shape, costs, "cpu", 0),
     }
     return PlanResult(shape, profile, budget, n_ctx, fixed, uniform, table, planned, paper, per_layer, predictions)
+
+
+def cache_plan(result: PlanResult, identity: dict) -> Path:
+    """Save the plan where the engine's tau="auto" looks for it (same model, budget, context, profile)."""
+    path = plan_path(identity, result.budget, result.n_ctx, result.profile.digest)
+    record = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model": identity, "budget": result.budget,
+              "n_ctx": result.n_ctx, "profile": result.profile.digest, "device": result.profile.device,
+              "tau": result.planned.tau, "slots": {str(k): v for k, v in result.planned.slots.items()},
+              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "predicted": result.predictions["tide (planned)"].summary()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return path
 
 
 def _slots_text(slots: dict[int, int]) -> str:
@@ -270,12 +286,12 @@ def print_plan(result: PlanResult, out=None) -> None:
           f"{pred.upload_seconds_per_block:>9.4f} {pred.cpu_token_slots_per_block:>9.1f} "
           f"{pred.cpu_seconds_per_block:>8.4f} {pred.device_seconds_per_block:>8.4f} {pred.block_seconds:>8.4f} "
           f"{pred.tokens_per_second:>9.2f}\n")
-    best_base = max((v for k, v in result.predictions.items() if not k.startswith("tide")),
-                    key=lambda x: x.tokens_per_second)
+    best_label, best_base = max(((k, v) for k, v in result.predictions.items() if not k.startswith("tide")),
+                                key=lambda kv: kv[1].tokens_per_second)
     tide = result.predictions["tide (planned)"]
     w(f"\npredicted: tide (planned) {tide.tokens_per_second / best_base.tokens_per_second:.2f}x the best baseline "
-      f"({best_base.policy}); static uses the trace's most used experts; tokens/s count {s.block_length} tokens "
-      "per decoded block\n")
+      f"({best_label}); static keeps the trace's most used experts (in-sample: optimistic), static (ids 0..B-1) the "
+      f"engine's default; tokens/s count {s.block_length} tokens per decoded block\n")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -397,15 +413,8 @@ def main(argv: list[str] | None = None, prog: str = "tide plan") -> int:
     result = make_plan(trace, shape, profile, budget, n_ctx, taus=taus, per_layer_tau=args.per_layer_tau, log=_log)
     data = result.to_dict()
     if not args.no_cache:
-        path = plan_path(identity, budget, n_ctx, profile.digest)
-        record = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model": identity, "budget": budget, "n_ctx": n_ctx,
-                  "profile": profile.digest, "device": profile.device, "tau": result.planned.tau,
-                  "slots": data["slots"], "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "predicted": data["predictions"]["tide (planned)"]}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=1))
-            data["cached"] = str(path)
+            data["cached"] = str(cache_plan(result, identity))
         except OSError as err:
             _log(f"plan: could not cache the plan ({err.strerror}); the engine will use its default tau")
     if args.json:

@@ -53,7 +53,7 @@ HARDWARE_FIELDS = (
     "device_memory_GBps", "device_memory_efficiency", "device_tflops", "device_flops_efficiency",
     "kernel_launch_s", "kernels_per_expert_call", "kernels_per_layer",
     "host_memory_GBps", "host_memory_efficiency", "host_tflops", "host_flops_efficiency",
-    "cpu_call_overhead_s", "host_overhead_per_layer_s", "device_memory_GB",
+    "cpu_call_overhead_s", "host_overhead_per_layer_s", "device_memory_GB", "overlap_slowdown",
 )
 COST_FIELDS = tuple(f.name for f in fields(Costs))
 SIGNATURE_FIELDS = ("n_experts", "n_experts_used", "hidden_size", "expert_ffn_dim", "expert_bytes", "n_moe_layers")
@@ -209,6 +209,7 @@ def _costs_from_hardware(hw: dict, shape: ModelShape) -> Costs:
         upload_per_copy_s=hw["copy_overhead_s"],
         upload_per_byte_s=1.0 / (hw["pcie_GBps"] * hw["pcie_efficiency"] * GB),
         copies_per_expert=3,
+        upload_per_call_s=0.0,
         cpu_per_call_s=hw["cpu_call_overhead_s"],
         cpu_per_weight_byte_s=1.0 / host_bw,
         cpu_per_flop_s=1.0 / host_flops,
@@ -219,6 +220,7 @@ def _costs_from_hardware(hw: dict, shape: ModelShape) -> Costs:
         layer_per_token_s=shape.layer_flops_per_token / dev_flops,
         layer_per_token_key_s=shape.attention_flops_per_token_key / dev_flops,
         logits_pass_s=shape.vocab_size * shape.hidden_size * shape.bytes_per_weight / dev_bw + 4 * launch,
+        overlap_slowdown=hw["overlap_slowdown"],
     )
 
 
@@ -312,6 +314,7 @@ def measure(model_path, device: str = "auto", *, threads: int | None = None, n_c
         layer = shape.moe_layers[0]
         dev_backend, cpu_backend = eng.backend, eng.cpu_backend
         # 1. uploads ------------------------------------------------------------------------------------
+        upload_call = 0.0
         slice_sizes = sorted({eng.file.experts(layer, p).slice_bytes for p in ("gate", "up", "down")})
         big = [s for s in (1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)]
         sizes = sorted(set(slice_sizes + big))
@@ -327,23 +330,73 @@ def measure(model_path, device: str = "auto", *, threads: int | None = None, n_c
             up_x.append(n)
             up_y.append(t)
         (a, b), err = fit_nonnegative(np.column_stack([np.ones(len(up_x)), up_x]), up_y)
-        fit_errors["upload"] = err
         samples["upload"] = {"bytes": up_x, "seconds": up_y}
         del buffer  # frees the scratch device memory
-        log(f"profile [1/4] uploads: {len(sizes)} sizes, {a * 1e6:.1f} us per copy + "
-            f"{1 / max(b, 1e-15) / 1e9:.2f} GB/s (median fit error {100 * err:.1f}%)")
+        if eng.offload is not None and slots:
+            # the per-copy cost as the engine pays it (slicing the mapped file, one set per
+            # projection and expert), with the bandwidth of the large copies above
+            large = [(n, t) for n, t in zip(up_x, up_y) if n >= (1 << 20)]
+            if len(large) >= 2:
+                (_, b), _ = fit_nonnegative(np.column_stack([np.ones(len(large)), [n for n, _ in large]]),
+                                            [t for _, t in large])
+            ks, per_call = sorted({1, 2, 4, min(8, slots)}), []
+            pick = np.random.default_rng(3)
+            for k in ks:
+                times = []
+                for r in range(repeat + 1):  # another layer and other experts each time: nothing cached
+                    where = shape.moe_layers[r % len(shape.moe_layers)]
+                    moves = list(zip(pick.permutation(slots)[:k].tolist(), pick.permutation(E)[:k].tolist()))
+                    t0 = time.perf_counter()
+                    eng.offload._upload(where, moves, count=False)
+                    times.append(time.perf_counter() - t0)
+                per_call.append(float(np.median(times[1:])))
+            (upload_call, expert), err = fit_nonnegative(np.column_stack([np.ones(len(ks)), ks]), per_call)
+            a = max(0.0, (expert - b * shape.expert_bytes) / 3)
+            samples["upload"]["engine_experts"] = ks
+            samples["upload"]["engine_seconds"] = per_call
+        fit_errors["upload"] = err
+        log(f"profile [1/4] uploads: {len(sizes)} sizes, {upload_call * 1e6:.1f} us per layer + {a * 1e6:.1f} us per "
+            f"copy + {1 / max(b, 1e-15) / 1e9:.2f} GB/s (median fit error {100 * err:.1f}%)")
 
-        # 2. CPU experts, in a worker thread as the engine runs them -----------------------------------
+        # 2-3. CPU experts (in a worker thread, as the engine runs them) and device experts (over the
+        # slot pool, as the engine's hit graph), each alone; then both at once, as in a pass, for the
+        # slowdown of sharing the machine (an emulated device shares the host's cores and memory).
         cpu = CpuExperts(cpu_backend, eng.model.weights, cfg)
         worker = ThreadPoolExecutor(1)
         rng = np.random.default_rng(1)
-        grid = []
-        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-            for d in sorted({1, max(1, rows // 4), max(1, rows // 2), rows}):
-                if d <= min(rows, E):
-                    grid.append((rows, d))
-        cpu_x, cpu_y = [], []
-        for rows, d in grid:
+        moe = list(shape.moe_layers)
+        n_pool = slots if eng.offload is not None else E
+        allocator = {layer: ggml.GraphAllocator(dev_backend) for layer in moe}
+
+        def pool_of(layer):
+            return eng.offload.pools[layer] if eng.offload is not None else eng.model.weights.layers[layer].experts
+
+        def device_job(T: int, d: int):
+            """Per MoE layer: a graph of T tokens x K choices over d distinct slots, and its inputs."""
+            jobs = []
+            for layer in moe:
+                pool = pool_of(layer)
+                g = ggml.Context(max_tensors=32)
+                xt = g.new_tensor(int(ggml.GGMLType.F32), ne=(H, 1, T), input=True)
+                ids = g.new_tensor(int(ggml.GGMLType.I32), ne=(K, T), input=True)
+                wt = g.new_tensor(int(ggml.GGMLType.F32), ne=(1, K, T), input=True)
+                gate = g.mul_mat_id(pool["gate"], xt, ids)
+                up = g.mul_mat_id(pool["up"], xt, ids)
+                graph = g.build_graph(g.mul_mat_id(pool["down"], g.mul(g.mul(g.silu(gate), up), wt), ids))
+                inputs = {xt: rng.standard_normal((T, 1, H)).astype(np.float32),
+                          ids: (rng.permutation(n_pool)[:d][np.arange(T * K) % d]).reshape(T, K).astype(np.int32),
+                          wt: rng.random((T, K, 1), dtype=np.float32)}
+                jobs.append((layer, g, graph, inputs))
+            return jobs
+
+        def run_device(job) -> float:
+            layer, _, graph, inputs = job
+            allocator[layer].bind([graph])
+            t0 = time.perf_counter()
+            dev_backend.compute(graph, inputs)
+            return time.perf_counter() - t0
+
+        def cpu_job(rows: int, d: int):
             T = max(32, -(-rows // K))
             routing = Routing(experts=rng.integers(0, E, size=(T, K)).astype(np.int32),
                               weights=rng.random((T, K), dtype=np.float32))
@@ -351,59 +404,100 @@ def measure(model_path, device: str = "auto", *, threads: int | None = None, n_c
             t_idx, k_idx = flat // K, flat % K
             routing.experts[t_idx, k_idx] = rng.permutation(E)[:d][flat % d]
             placement = Placement(np.zeros((T, K), np.int32), np.zeros((T, K), np.float32), t_idx, k_idx, True)
-            x = rng.standard_normal((T, H)).astype(np.float32)
-            t = _median_time(lambda: worker.submit(cpu.run, layer, x, routing, placement).result(), repeat)
+            return rng.standard_normal((T, H)).astype(np.float32), routing, placement
+
+        def run_cpu(layer, job) -> float:
+            t0 = time.perf_counter()
+            cpu.run(layer, *job)
+            return time.perf_counter() - t0
+
+        def mean_over_layers(measure_once) -> float:
+            """Mean over `repeat` rounds of one call per MoE layer (weights as cold as in a pass; the mean,
+            not the median, because a run's time is a sum and a busy machine's hiccups are part of it)."""
+            measure_once(moe[0])  # warm-up: graphs
+            return float(np.mean([measure_once(layer) for _ in range(repeat) for layer in moe]))
+
+        grid = []
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            for d in sorted({min(x, E) for x in (1, max(1, rows // 4), max(1, rows // 2), rows)}):
+                grid.append((rows, d))
+        cpu_x, cpu_y = [], []
+        for rows, d in grid:
+            job = cpu_job(rows, d)
+
+            def once(layer, job=job):  # as the device side waits for it: hand-off to the worker included
+                t0 = time.perf_counter()
+                worker.submit(run_cpu, layer, job).result()
+                return time.perf_counter() - t0
+
             cpu_x.append((rows, d))
-            cpu_y.append(t)
-        worker.shutdown()
+            cpu_y.append(mean_over_layers(once))
         padded = [2 ** math.ceil(math.log2(r)) for r, _ in cpu_x]
         X = np.column_stack([np.ones(len(cpu_x)), [d * shape.expert_bytes for _, d in cpu_x],
                              [p * shape.expert_flops_per_row for p in padded]])
         (c0, c1, c2), err = fit_nonnegative(X, cpu_y)
         fit_errors["cpu_experts"] = err
         samples["cpu_experts"] = {"rows": [r for r, _ in cpu_x], "experts": [d for _, d in cpu_x], "seconds": cpu_y}
-        log(f"profile [2/4] CPU experts: {len(grid)} points, {c0 * 1e6:.0f} us per call + "
-            f"{c1 * shape.expert_bytes * 1e6:.1f} us per expert + {c2 * shape.expert_flops_per_row * 1e9:.0f} ns "
-            f"per row (median fit error {100 * err:.1f}%)")
+        log(f"profile [2/4] CPU experts: {len(grid)} points, "
+            f"{c0 * 1e6:.0f} us per call + {c1 * shape.expert_bytes * 1e6:.1f} us per expert + "
+            f"{c2 * shape.expert_flops_per_row * 1e9:.0f} ns per row (median fit error {100 * err:.1f}%)")
 
-        # 3. device experts over the slot pool ---------------------------------------------------------
-        pool = eng.offload.pools[layer] if eng.offload is not None else eng.model.weights.layers[layer].experts
-        n_pool = slots if eng.offload is not None else E
-        allocator = ggml.GraphAllocator(dev_backend)
         dev_x, dev_y = [], []
         for T in (32, 128):
             for d in (1, 2, 4, 8, 16, 32, 64, 128, 256):
                 if d > min(n_pool, T * K):
                     continue
-                g = ggml.Context(max_tensors=32)
-                xt = g.new_tensor(int(ggml.GGMLType.F32), ne=(H, 1, T), input=True)
-                ids = g.new_tensor(int(ggml.GGMLType.I32), ne=(K, T), input=True)
-                wt = g.new_tensor(int(ggml.GGMLType.F32), ne=(1, K, T), input=True)
-                gate = g.mul_mat_id(pool["gate"], xt, ids)
-                up = g.mul_mat_id(pool["up"], xt, ids)
-                out = g.mul_mat_id(pool["down"], g.mul(g.mul(g.silu(gate), up), wt), ids)
-                graph = g.build_graph(out)
-                allocator.bind([graph])
-                inputs = {xt: rng.standard_normal((T, 1, H)).astype(np.float32),
-                          ids: (rng.permutation(n_pool)[:d][np.arange(T * K) % d]).reshape(T, K).astype(np.int32),
-                          wt: rng.random((T, K, 1), dtype=np.float32)}
-                t = _median_time(lambda: dev_backend.compute(graph, inputs), repeat)
+                jobs = dict((job[0], job) for job in device_job(T, d))
+
+                def once(layer, jobs=jobs):
+                    return run_device(jobs[layer])
+
                 dev_x.append((T * K, d))
-                dev_y.append(t)
+                dev_y.append(mean_over_layers(once))
         X = np.column_stack([np.ones(len(dev_x)), [d * shape.expert_bytes for _, d in dev_x],
                              [r * shape.expert_flops_per_row for r, _ in dev_x]])
         (d0, d1, d2), err = fit_nonnegative(X, dev_y)
         fit_errors["device_experts"] = err
         samples["device_experts"] = {"rows": [r for r, _ in dev_x], "experts": [d for _, d in dev_x],
                                      "seconds": dev_y}
-        log(f"profile [3/4] device experts: {len(dev_x)} points, {d0 * 1e6:.0f} us per call + "
-            f"{d1 * shape.expert_bytes * 1e6:.1f} us per expert + {d2 * shape.expert_flops_per_row * 1e9:.0f} ns "
-            f"per row (median fit error {100 * err:.1f}%)")
+        log(f"profile [3/4] device experts: {len(dev_x)} points, "
+            f"{d0 * 1e6:.0f} us per call + {d1 * shape.expert_bytes * 1e6:.1f} us per expert + "
+            f"{d2 * shape.expert_flops_per_row * 1e9:.0f} ns per row (median fit error {100 * err:.1f}%)")
 
-        partial = Costs(a, b, 3, c0, c1, c2, d0, d1, d2, 0.0, 0.0, 0.0, 0.0)
+        slowdown, pairs = 1.0, []
+        if eng.offload is not None:  # the engine overlaps the two sides only with a device
+            alone = Costs(0, 0, 3, 0, c0, c1, c2, d0, d1, d2, 0, 0, 0, 0)
+            for rows, d_cpu in ((16, min(E, 8)), (64, min(E, 16)), (128, min(E, 32)), (256, min(E, 64))):
+                job = cpu_job(rows, d_cpu)
+                for d_dev in sorted({min(n_pool, 4), min(n_pool, 16)}):
+                    dev_jobs = dict((j[0], j) for j in device_job(32, d_dev))
+
+                    def both(layer, job=job, dev_jobs=dev_jobs):
+                        t0 = time.perf_counter()
+                        future = worker.submit(run_cpu, layer, job)
+                        run_device(dev_jobs[layer])
+                        future.result()
+                        return time.perf_counter() - t0
+
+                    wall = mean_over_layers(both)
+                    c = float(alone.cpu_seconds(rows, d_cpu, shape))
+                    dv = float(alone.device_seconds(32 * K, d_dev, shape))
+                    pairs.append({"rows": rows, "cpu_experts": d_cpu, "device_experts": d_dev, "seconds": wall,
+                                  "cpu_alone": c, "device_alone": dv})
+            # both at once take max + (slowdown - 1) * min: least squares over the pairs
+            longer = np.asarray([max(p["cpu_alone"], p["device_alone"]) for p in pairs])
+            shorter = np.asarray([min(p["cpu_alone"], p["device_alone"]) for p in pairs])
+            both_wall = np.asarray([p["seconds"] for p in pairs])
+            slowdown = float(np.clip(1 + shorter @ (both_wall - longer) / max(1e-18, shorter @ shorter), 1.0, 2.0))
+            samples["overlap"] = pairs
+            log(f"profile [3/4] both at once: {len(pairs)} pairs, each side {slowdown:.2f}x slower while the other "
+                "works")
+        worker.shutdown()
+
+        partial = Costs(a, b, 3, upload_call, c0, c1, c2, d0, d1, d2, 0.0, 0.0, 0.0, 0.0, slowdown)
         # 4. the fixed work of whole passes ------------------------------------------------------------
-        configs = [(32, s, True) for s in (0, 256, 768) if s + 32 <= n_ctx]
-        configs += [(32, 0, False), (min(128, n_ctx), 0, False)]
+        configs = [(32, s, logits) for logits in (True, False) for s in (0, 256, 768) if s + 32 <= n_ctx]
+        configs += [(64, 0, False), (min(128, n_ctx), 0, False)]
         trace = eng.record_trace()
         walls = []
         tokens_rng = np.random.default_rng(2)
@@ -417,28 +511,26 @@ def measure(model_path, device: str = "auto", *, threads: int | None = None, n_c
         eng.stop_trace()
         counts = replay_counts(trace, policy, slots)
         variable = predict_counts(counts, shape, partial).pass_seconds
-        # one point per configuration: the median pass (a busy machine adds outliers)
+        # one point per configuration: its mean pass, less the expert work the cost model gives its routing
         walls = np.asarray(walls)
         per_config = repeat + 1
-        pts = []
-        for c in range(len(configs)):
-            idx = np.arange(c * per_config + 1, (c + 1) * per_config)
-            i = idx[np.argsort(walls[idx])[len(idx) // 2]]
-            pts.append(i)
-        pts = np.asarray(pts)
-        tokens = counts.tokens[pts].astype(float)
-        keys = (counts.start + counts.tokens)[pts].astype(float)
+        groups = [np.arange(c * per_config + 1, (c + 1) * per_config) for c in range(len(configs))]
+        first = np.asarray([g[0] for g in groups])
+        tokens = counts.tokens[first].astype(float)
+        keys = (counts.start + counts.tokens)[first].astype(float)
         L = shape.n_moe_layers
-        residual = np.maximum(walls[pts] - variable[pts], 1e-6)
-        X = np.column_stack([np.full(len(tokens), L), L * tokens, L * tokens * keys, counts.logits[pts]])
+        mean_wall = np.asarray([walls[g].mean() for g in groups])
+        mean_expert = np.asarray([variable[g].mean() for g in groups])
+        residual = np.maximum(mean_wall - mean_expert, 1e-6)
+        X = np.column_stack([np.full(len(tokens), L), L * tokens, L * tokens * keys, counts.logits[first]])
         (l0, l1, l2, lm), err = fit_nonnegative(X, residual)
         fit_errors["fixed"] = err
-        samples["fixed"] = {"tokens": tokens.tolist(), "keys": keys.tolist(), "logits": counts.logits[pts].tolist(),
-                            "seconds": walls[pts].tolist(), "expert_seconds": variable[pts].tolist(),
+        samples["fixed"] = {"tokens": tokens.tolist(), "keys": keys.tolist(), "logits": counts.logits[first].tolist(),
+                            "seconds": mean_wall.tolist(), "expert_seconds": mean_expert.tolist(),
                             "all_seconds": walls.tolist()}
         log(f"profile [4/4] fixed work: {len(walls)} passes, {l0 * 1e6:.0f} us per MoE layer + "
             f"{l1 * 1e6:.2f} us per token + LM head {lm * 1e3:.2f} ms (median fit error {100 * err:.1f}%)")
-        costs = Costs(a, b, 3, c0, c1, c2, d0, d1, d2, l0, l1, l2, lm)
+        costs = Costs(a, b, 3, upload_call, c0, c1, c2, d0, d1, d2, l0, l1, l2, lm, slowdown)
         machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                    "cpu_count": os.cpu_count(), "device_threads": dev_backend.n_threads,
                    "cpu_expert_threads": cpu_backend.n_threads, "n_ctx": n_ctx,
