@@ -52,6 +52,47 @@ class UsageError(TideError):
     """A bad combination or value of `tide generate` options."""
 
 
+def add_decoding_arguments(group) -> None:
+    """The decoder's options, shared by `tide generate` and `tide chat` (None: the model's default)."""
+    group.add_argument("--threshold", type=float, default=None, metavar="T",
+                       help="commit every masked token whose confidence is above T in (0, 1] in one step; "
+                       "lower is faster, 1 is one token per step (default: the model's; 0.95 for LLaDA2.0)")
+    group.add_argument("--steps", type=int, default=None, metavar="S",
+                       help="denoising steps per block at most (default: the model's; 32 for LLaDA2.0)")
+    group.add_argument("--temperature", type=float, default=None, metavar="T",
+                       help="sampling temperature; 0 is greedy (default: 0)")
+    group.add_argument("--top-k", type=int, default=None, metavar="K",
+                       help="sample among the K most likely tokens (with --temperature > 0)")
+    group.add_argument("--top-p", type=float, default=None, metavar="P",
+                       help="sample within the smallest set of tokens of probability >= P (with --temperature > 0)")
+    group.add_argument("--seed", type=int, default=None, metavar="S",
+                       help="seed of the sampler, for repeatable sampling (default: fresh each run)")
+
+
+def add_offload_arguments(group) -> None:
+    """Device and expert-offload options, shared by `tide generate` and `tide chat`."""
+    group.add_argument("--device", default="auto", metavar="DEV",
+                       help="auto (a GPU of the loaded libggml if any, else CPU only), cpu, emulated (a second CPU "
+                       "backend standing in for a GPU: for tests and studies), or a device name (default: auto)")
+    group.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                       help="device budget, e.g. 6GiB or 6000MiB (default: free device memory minus a reserve)")
+    group.add_argument("--policy", default="tide", choices=["tide", "swap", "static", "lru", "cpu", "resident"],
+                       help="tide: refresh the resident experts every TAU steps from the routing (default); swap: "
+                       "every step; static: never; lru: upload each miss; cpu: no experts on the device; "
+                       "resident: all experts on the device")
+    group.add_argument("--tau", default="auto", metavar="TAU",
+                       help="tide's refresh interval in denoising steps (default: auto)")
+    group.add_argument("--ctx", type=int, default=None, metavar="N",
+                       help="context to plan device memory for (default: 4096 or the model's, if smaller)")
+
+
+def load_options(args, **extra) -> dict:
+    """`tide_local.load` keywords from parsed offload and thread options."""
+    return {"device": args.device, "gpu_memory": args.gpu_memory, "policy": args.policy,
+            "tau": args.tau if args.tau == "auto" else int(args.tau), "threads": args.threads, "n_ctx": args.ctx,
+            **extra}
+
+
 def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,19 +110,7 @@ def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
     dec = p.add_argument_group("decoding")
     dec.add_argument("-n", "--max-new-tokens", type=int, default=256, metavar="N",
                      help="generate at most N tokens (default: 256)")
-    dec.add_argument("--threshold", type=float, default=None, metavar="T",
-                     help="commit every masked token whose confidence is above T in (0, 1] in one step; "
-                     "lower is faster, 1 is one token per step (default: the model's; 0.95 for LLaDA2.0)")
-    dec.add_argument("--steps", type=int, default=None, metavar="S",
-                     help="denoising steps per block at most (default: the model's; 32 for LLaDA2.0)")
-    dec.add_argument("--temperature", type=float, default=None, metavar="T",
-                     help="sampling temperature; 0 is greedy (default: 0)")
-    dec.add_argument("--top-k", type=int, default=None, metavar="K",
-                     help="sample among the K most likely tokens (with --temperature > 0)")
-    dec.add_argument("--top-p", type=float, default=None, metavar="P",
-                     help="sample within the smallest set of tokens of probability >= P (with --temperature > 0)")
-    dec.add_argument("--seed", type=int, default=None, metavar="S",
-                     help="seed of the sampler, for repeatable sampling (default: fresh each run)")
+    add_decoding_arguments(dec)
 
     run = p.add_argument_group("output and execution")
     run.add_argument("--json", action="store_true",
@@ -98,19 +127,7 @@ def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
         "Attention, routers, shared experts and the KV cache go to the device; what the budget leaves becomes "
         "expert slots per MoE layer, and tokens routed to other experts run on the CPU. Every policy gives "
         "the same tokens; they differ in speed.")
-    off.add_argument("--device", default="auto", metavar="DEV",
-                     help="auto (a GPU of the loaded libggml if any, else CPU only), cpu, emulated (a second CPU "
-                     "backend standing in for a GPU: for tests and studies), or a device name (default: auto)")
-    off.add_argument("--gpu-memory", metavar="SIZE", default=None,
-                     help="device budget, e.g. 6GiB or 6000MiB (default: free device memory minus a reserve)")
-    off.add_argument("--policy", default="tide", choices=["tide", "swap", "static", "lru", "cpu", "resident"],
-                     help="tide: refresh the resident experts every TAU steps from the routing (default); swap: "
-                     "every step; static: never; lru: upload each miss; cpu: no experts on the device; "
-                     "resident: all experts on the device")
-    off.add_argument("--tau", default="auto", metavar="TAU",
-                     help="tide's refresh interval in denoising steps (default: auto)")
-    off.add_argument("--ctx", type=int, default=None, metavar="N",
-                     help="context to plan device memory for (default: 4096 or the model's, if smaller)")
+    add_offload_arguments(off)
     off.add_argument("--static-from", metavar="TRACE", default=None,
                      help="with --policy static: keep each layer's most used experts of this routing trace")
     off.add_argument("--trace", metavar="FILE", default=None,
@@ -278,9 +295,7 @@ def _run(args) -> int:
 
         popularity = RoutingTrace.load(args.static_from).popularity()
     try:
-        eng = tide_local.load(path, device=args.device, gpu_memory=args.gpu_memory, policy=args.policy,
-                              tau=args.tau if args.tau == "auto" else int(args.tau), threads=args.threads,
-                              n_ctx=args.ctx, popularity=popularity)
+        eng = tide_local.load(path, **load_options(args, popularity=popularity))
     except ValueError as err:  # e.g. an unreadable --gpu-memory
         raise UsageError(str(err)) from None
     if eng.plan is not None and args.stats and not args.json:

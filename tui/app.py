@@ -593,6 +593,8 @@ no model given. Either:
 
 
 def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
+    from tide_local.generate_cli import add_decoding_arguments, add_offload_arguments
+
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(raw=False)  # for generate_cli's option checks: chat always uses the chat template
@@ -605,25 +607,10 @@ def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
     dec = p.add_argument_group("decoding (change them in the app with /set NAME VALUE)")
     dec.add_argument("-n", "--max-new-tokens", type=int, default=512, metavar="N",
                      help="answer with at most N tokens (default: 512)")
-    dec.add_argument("--threshold", type=float, default=None, metavar="T",
-                     help="commit every masked token whose confidence is above T in (0, 1] in one step; lower is "
-                     "faster (default: the model's; 0.95 for LLaDA2.0)")
-    dec.add_argument("--steps", type=int, default=None, metavar="S",
-                     help="denoising steps per block at most (default: the model's; 32 for LLaDA2.0)")
-    dec.add_argument("--temperature", type=float, default=None, metavar="T", help="sampling temperature; 0 is greedy")
-    dec.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
-    dec.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling within probability P")
-    dec.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampler, for repeatable answers")
+    add_decoding_arguments(dec)
 
     off = p.add_argument_group("device and expert offload (as for `tide generate`)")
-    off.add_argument("--device", default="auto", metavar="DEV",
-                     help="auto (a GPU of the loaded libggml if any, else CPU only), cpu, emulated, or a device name")
-    off.add_argument("--gpu-memory", metavar="SIZE", default=None,
-                     help="device budget, e.g. 6GiB (default: free device memory minus a reserve)")
-    off.add_argument("--policy", default="tide", choices=["tide", "swap", "static", "lru", "cpu", "resident"],
-                     help="expert placement policy (default: tide)")
-    off.add_argument("--tau", default="auto", metavar="TAU", help="tide's refresh interval in steps (default: auto)")
-    off.add_argument("--ctx", type=int, default=None, metavar="N", help="context to plan device memory for")
+    add_offload_arguments(off)
     off.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
 
     ui = p.add_argument_group("display")
@@ -632,7 +619,7 @@ def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "tide chat") -> int:
-    from tide_local.generate_cli import UsageError, _check_options
+    from tide_local.generate_cli import UsageError, _check_options, load_options
 
     args = build_parser(prog).parse_args(argv)
     try:
@@ -644,10 +631,7 @@ def main(argv: list[str] | None = None, prog: str = "tide chat") -> int:
     except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
-    load_options = {"device": args.device, "gpu_memory": args.gpu_memory, "policy": args.policy,
-                    "tau": args.tau if args.tau == "auto" else int(args.tau), "threads": args.threads,
-                    "n_ctx": args.ctx}
-    app = ChatApp(args.model, demo=args.demo, load_options=load_options, system=args.system, options=options)
+    app = ChatApp(args.model, demo=args.demo, load_options=load_options(args), system=args.system, options=options)
     app.run(inline=args.inline)
     return app.return_code or 0
 
