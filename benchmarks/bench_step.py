@@ -1,10 +1,10 @@
 """The engine's step benchmark: ms per denoising step, where it goes, and the KV cache's gain.
 
     python benchmarks/bench_step.py                      # tiny + LLaDA2.0-mini-shaped model
-    python benchmarks/bench_step.py --skip-mini          # tiny model only (seconds)
+    python benchmarks/bench_step.py --skip-mini          # tiny model only (a few minutes)
 
 Measures, on the code path a user runs (``tide_local.load`` → ``Engine`` →
-``LLaDA2Model.forward``):
+``CachedBlockModel`` → ``LLaDA2Model.forward``):
 
 1. ms per denoising step: the active 32-token block forwarded against the KV cache,
    ``block_logits(block, start, rows=masked rows)``, with ``--context`` tokens already in
@@ -12,15 +12,20 @@ Measures, on the code path a user runs (``tide_local.load`` → ``Engine`` →
    denoising schedule evenly (masked rows from 32 down to 1, the LM head runs on those
    rows only), after warm-up steps that build the graphs; the median is reported.
    For the tiny model (f32, q8_0) and a LLaDA2.0-mini-shaped one (20 layers, 256
-   experts, hidden 2048, random weights, q4_k_m), each with 1 thread and all cores.
-2. Where a step goes: the same steps again with timers around the ggml compute call
-   (``ggml_backend_graph_compute``), the host router, tensor set/get (ctypes copies)
-   and the LM head; everything outside ggml compute is "host" time (Python graph
-   driving, ctypes, routing, copies).
+   experts, hidden 2048, random weights, q4_k_m), with 1 thread and all cores. The
+   thread counts of a model are open at once and driven step by step in turn, so load
+   from elsewhere on a shared machine falls on each alike.
+2. Where a step goes: the same steps again with timers (installed in this process only)
+   around the ggml compute call (``ggml_backend_graph_compute``), the host router,
+   tensor set/get (ctypes copies), the LM head and graph construction; everything
+   outside ggml compute is host time (Python graph driving, ctypes, routing, copies).
+   Then the step's op kinds one at a time over the model's own weights (routed experts
+   with each step's own routing, shared expert, attention projections and core, router,
+   dense FFN, LM head), and the weights a step reads.
 3. The block KV cache against full-window recompute: ``Engine.generate`` with
-   ``kv_cache=True`` and ``kv_cache=False`` on the same prompt, run alternately (the
-   machine may be shared), default threshold, no stop ids so every run decodes all
-   tokens; both must give the same tokens.
+   ``kv_cache=True`` and ``kv_cache=False`` on the same prompt, alternated, default
+   threshold, no stop ids so every run decodes all tokens; the report says whether the
+   two gave the same tokens.
 
 The mini-shaped model is made once: a random Hugging Face checkpoint (32.5 GB bf16,
 fast mode) in the cache dir (``$TIDE_BENCH_DIR`` or ``~/.cache/tide-local/bench``),
@@ -370,10 +375,18 @@ def measure_steps(path: Path, threads: list[int], context: int, n_steps: int, se
                 p = r.probe
                 r.parts.append(dict(p.t, total=total, graphs=p.n["compute_layers"] + p.n["compute_lm_head"]))
                 r.routings.append({l: (x.experts.copy(), x.weights.copy()) for l, x in r.eng.model.pending_routing.items()})
+        # where the compute goes: the same op jobs for every thread count, in turn
+        n_rows = int(np.median(sched))
+        jobs = [breakdown_jobs(r.eng, context, n_rows, r.routings) for r in runs]
+        acc = [dict.fromkeys(BREAKDOWN, 0.0) for _ in runs]
+        for j in range(len(jobs[0])):
+            for k in (range(len(runs)) if j % 2 == 0 else reversed(range(len(runs)))):
+                category, job = jobs[k][j]
+                acc[k][category] += job()
         eb = expert_bytes(eng0)
         results = []
-        for r in runs:
-            breakdown = compute_breakdown(r.eng, context, int(np.median(sched)), r.routings)
+        for r, a in zip(runs, acc):
+            breakdown = {key: 1e3 * v for key, v in a.items()}
             distinct = [{l: len(np.unique(rt[l][0])) for l in cfg.moe_layers} for rt in r.routings]
             results.append(_summary(r, path, cfg, sched, load, breakdown, distinct, eb))
         return results
@@ -425,8 +438,8 @@ def _time_graph(backend, build, reps: int = 3) -> float:
     return statistics.median(times[1:])
 
 
-def compute_breakdown(eng, context: int, n_rows: int, routings: list, reps: int = 3) -> dict:
-    """Where the ggml compute of a step goes, from the step's matmuls and attention run one op
+def breakdown_jobs(eng, context: int, n_rows: int, routings: list, reps: int = 3) -> list:
+    """(category, job → seconds per step) pairs: where the ggml compute of a step goes, from the step's matmuls and attention run one op
     kind at a time over the model's own weights (every layer; the routed experts with each timed
     step's own routing, averaged), ms per step.
     Isolated ops: they leave out the norms, RoPE, K/V copies and adds, which are the rest."""
@@ -481,20 +494,21 @@ def compute_breakdown(eng, context: int, n_rows: int, routings: list, reps: int 
                 times.append(time.perf_counter() - t0)
         return float(np.mean(times))
 
-    out = dict.fromkeys(("routed_experts", "shared_expert", "attn_proj", "attn_core", "router", "dense_ffn", "lm_head"), 0.0)
-    core = _time_graph(backend, attention, reps)
+    jobs = [("attn_core", lambda: len(w.layers) * _time_graph(backend, attention, reps))]
     for i, lw in enumerate(w.layers):
-        out["attn_proj"] += matmuls(lw.attn_qkv) + matmuls(lw.attn_output)
-        out["attn_core"] += core
+        jobs.append(("attn_proj", lambda lw=lw: matmuls(lw.attn_qkv) + matmuls(lw.attn_output)))
         if i in cfg.moe_layers:
-            out["routed_experts"] += experts(i)
-            out["router"] += matmuls(lw.router)
+            jobs.append(("routed_experts", lambda i=i: experts(i)))
+            jobs.append(("router", lambda lw=lw: matmuls(lw.router)))
             if lw.shared_gate is not None:
-                out["shared_expert"] += matmuls(lw.shared_gate, lw.shared_up, lw.shared_down)
+                jobs.append(("shared_expert", lambda lw=lw: matmuls(lw.shared_gate, lw.shared_up, lw.shared_down)))
         else:
-            out["dense_ffn"] += matmuls(lw.ffn_gate, lw.ffn_up, lw.ffn_down)
-    out["lm_head"] = matmuls(w.output, n=n_rows)
-    return {k: 1e3 * v for k, v in out.items()}
+            jobs.append(("dense_ffn", lambda lw=lw: matmuls(lw.ffn_gate, lw.ffn_up, lw.ffn_down)))
+    jobs.append(("lm_head", lambda: matmuls(w.output, n=n_rows)))
+    return jobs
+
+
+BREAKDOWN = ("routed_experts", "shared_expert", "attn_proj", "attn_core", "router", "dense_ffn", "lm_head")
 
 
 # ---------------------------------------------------------------------------------------
@@ -626,8 +640,9 @@ def render(report: dict) -> str:
         "",
         "Where the ggml compute goes: the step's matmuls and attention, one op kind at a time over the model's "
         "own weights (every layer; routed experts with each timed step's own routing, averaged; LM head on the median masked-row "
-        "count), ms per step. *rest* = ggml compute of the step minus these: norms, RoPE, K/V cache copies, "
-        "adds, and per-graph overhead.",
+        "count; thread counts in turn, op by op), ms per step. *rest* = ggml compute of the step minus these: "
+        "norms, RoPE, K/V cache copies, adds; it is negative where one-op graphs cost more than the same ops "
+        "inside the step's graphs (each graph has its own start-up).",
         "",
         "| model | threads | routed experts | shared expert | attention proj. | attention core | router | dense FFN | LM head | rest |",
         "|---|---|---|---|---|---|---|---|---|---|",
