@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tide_local.generate_cli", "generate text from a prompt (streamed block by block)"),
     "profile": ("tide_local.planner.profile", "measure upload, CPU and device expert costs on this machine"),
     "plan": ("tide_local.planner.plan", "choose TIDE's refresh interval and per-layer expert slots for a budget"),
+    "bench": ("tide_local.bench.cli", "time a denoising step on the CPU: bandwidth floor, llama.cpp, tokens/s"),
     "chat": ("tide_local.tui.app", "chat in the terminal, watching each block denoise"),
 }
 

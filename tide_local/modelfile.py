@@ -92,6 +92,17 @@ class ModelFile:
     def non_expert_bytes(self) -> int:
         return sum(t.nbytes for t in self.gguf.tensors.values()) - self.expert_bytes()
 
+    def one_expert_bytes(self, layer: int) -> int:
+        """Gate, up and down of one routed expert of a MoE layer."""
+        return sum(self.experts(layer, proj).slice_bytes for proj in llada2.EXPERT_PROJECTIONS)
+
+    def bytes_read_per_forward(self, distinct_experts: dict[int, int]) -> int:
+        """Weight bytes one forward reads: every matrix outside the expert stacks except the
+        embedding table (only its rows are looked up), plus the distinct routed experts the
+        forward's tokens chose in each MoE layer (`distinct_experts`: layer -> count)."""
+        fixed = self.non_expert_bytes() - self.tensor("token_embd.weight").nbytes
+        return fixed + sum(n * self.one_expert_bytes(layer) for layer, n in distinct_experts.items())
+
     def decoding_defaults(self) -> dict:
         g = self.gguf
         return {

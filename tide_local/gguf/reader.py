@@ -149,9 +149,16 @@ class GGUFFile:
         n_tensors = cur.count("tensor")
         n_kv = cur.count("metadata")
         self.metadata: dict[str, object] = {}
+        # key -> (value type, array item type or None): what a faithful rewrite needs
+        self.value_types: dict[str, tuple[int, int | None]] = {}
         for _ in range(n_kv):
             key = cur.string()
-            self.metadata[key] = cur.value(cur.unpack("<I"))
+            vtype = cur.unpack("<I")
+            item_type = None
+            if vtype == GGUFValueType.ARRAY and cur.pos + 4 <= len(self._mmap):
+                item_type = struct.unpack_from("<I", self._mmap, cur.pos)[0]
+            self.metadata[key] = cur.value(vtype)
+            self.value_types[key] = (vtype, item_type)
         self.alignment = int(self.metadata.get("general.alignment", 32))
         if self.alignment <= 0 or self.alignment & (self.alignment - 1):
             cur.fail(f"general.alignment {self.alignment} is not a power of two")

@@ -1,0 +1,1 @@
+"""Measurement of the engine on this machine (`tide bench`): the bandwidth floor, llama.cpp."""
