@@ -129,8 +129,9 @@ def test_tide_bench_reports_a_row_per_context_and_thread_count(models, capsys, t
     rc, out, err = bench(capsys, str(models["q8_0"]), "--context", "64,96", "--threads", "1", "--repeats", "2",
                          "--generate", "8", "--llama-cpp-copy", str(tmp_path / "copy.gguf"), "--json", str(out_json))
     assert rc == 0, err
-    rows = [line for line in out.splitlines() if line.startswith("| 64 |") or line.startswith("| 96 |")]
-    assert len(rows) == 2
+    steps = [line for line in out.splitlines() if line.startswith(("| 64 | 1 | **", "| 96 | 1 | **"))]
+    assert len(steps) == 2
+    assert "| prompt (tokens) |" in out
     assert "llama.cpp ms" in out and "tokens/s" in out and "peak RSS" in out
     report = json.loads(out_json.read_text())
     for row in report["rows"]:
@@ -138,6 +139,8 @@ def test_tide_bench_reports_a_row_per_context_and_thread_count(models, capsys, t
         assert row["x_floor"] == pytest.approx(row["ms_per_step"] / row["floor_ms"])
         assert 0 < row["distinct_experts_per_layer"] <= 16
     assert report["generate"]["tokens"] == 8
+    assert [p["context"] for p in report["prefill"]] == [64, 96]
+    assert all(p["seconds"] > 0 and p["llama_cpp_seconds"] > 0 for p in report["prefill"])
 
 
 @pytest.mark.parametrize("args,message", [

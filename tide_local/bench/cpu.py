@@ -90,7 +90,7 @@ def run(model_path: str | os.PathLike, opts: BenchOptions, log=lambda msg: None)
     model_path = Path(model_path)
     report: dict = {"model": str(model_path), "options": {k: str(v) if isinstance(v, Path) else v
                                                           for k, v in asdict(opts).items()},
-                    "machine": machine(), "rows": []}
+                    "machine": machine(), "rows": [], "prefill": []}
     n_ctx = max(opts.contexts) + BLOCK
     log(f"loading {model_path.name}")
     t0 = time.perf_counter()
@@ -114,7 +114,9 @@ def run(model_path: str | os.PathLike, opts: BenchOptions, log=lambda msg: None)
             runner = _open_llama_cpp(model_path, opts, n_ctx, log)
             report["llama_cpp_load_seconds"] = runner.load_s
         for context in opts.contexts:
-            report["rows"] += _measure_context(eng, runner, context, rng, high, opts, report["bandwidth"], log)
+            rows, prefill = _measure_context(eng, runner, context, rng, high, opts, report["bandwidth"], log)
+            report["rows"] += rows
+            report["prefill"].append(prefill)
     finally:
         if runner is not None:
             runner.close()
@@ -144,7 +146,8 @@ def _open_llama_cpp(model_path: Path, opts: BenchOptions, n_ctx: int, log):
     return LlamaCppRunner(copy, threads=max(opts.threads), n_ctx=n_ctx, batch=BLOCK)
 
 
-def _measure_context(eng, runner, context: int, rng, high: int, opts: BenchOptions, bandwidth: dict, log) -> list[dict]:
+def _measure_context(eng, runner, context: int, rng, high: int, opts: BenchOptions, bandwidth: dict,
+                     log) -> tuple[list[dict], dict]:
     ctx_ids = rng.integers(0, high, context).astype(np.int32)
     block = rng.integers(0, high, BLOCK).astype(np.int32)
     rows = np.arange(BLOCK)
@@ -154,12 +157,12 @@ def _measure_context(eng, runner, context: int, rng, high: int, opts: BenchOptio
     t0 = time.perf_counter()
     bm.prefill(ctx_ids)
     prefill_s = time.perf_counter() - t0
-    llama_prefill_s = None
+    prefill = {"context": context, "threads": max(opts.threads), "seconds": prefill_s}
     if runner is not None:
         runner.set_threads(max(opts.threads))
         t0 = time.perf_counter()
         runner.prefill(ctx_ids)
-        llama_prefill_s = time.perf_counter() - t0
+        prefill["llama_cpp_seconds"] = time.perf_counter() - t0
 
     def ours() -> float:
         t = time.perf_counter()
@@ -190,14 +193,13 @@ def _measure_context(eng, runner, context: int, rng, high: int, opts: BenchOptio
         row = {"context": context, "threads": threads, "ms_per_step": 1e3 * step, "ms_min": 1e3 * min(mine),
                "distinct_experts_per_layer": float(np.mean(list(distinct.values()))) if distinct else 0.0,
                "bytes_read": nbytes, "achieved_gbps": nbytes / step / 1e9,
-               "bandwidth_gbps": bandwidth[threads] / 1e9, "floor_ms": 1e3 * floor, "x_floor": step / floor,
-               "prefill_seconds": prefill_s}
+               "bandwidth_gbps": bandwidth[threads] / 1e9, "floor_ms": 1e3 * floor, "x_floor": step / floor}
         if runner is not None:
             lc = float(np.median(theirs))
             row.update({"llama_cpp_ms": 1e3 * lc, "llama_cpp_ms_min": 1e3 * min(theirs),
-                        "ours_over_llama_cpp": step / lc, "llama_cpp_prefill_seconds": llama_prefill_s})
+                        "ours_over_llama_cpp": step / lc})
         out.append(row)
-    return out
+    return out, prefill
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -225,6 +227,15 @@ def render(report: dict) -> str:
             cells += [f"{r['llama_cpp_ms']:.1f}", f"**{r['ours_over_llama_cpp']:.2f}**"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
+    if report.get("prefill"):
+        head = ["prompt (tokens)", "threads", "ours s", "tokens/s"] + (["llama.cpp s", "tokens/s"] if has_llama else [])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in report["prefill"]:
+            cells = [p["context"], p["threads"], f"{p['seconds']:.2f}", f"{p['context'] / p['seconds']:.0f}"]
+            if "llama_cpp_seconds" in p:
+                cells += [f"{p['llama_cpp_seconds']:.2f}", f"{p['context'] / p['llama_cpp_seconds']:.0f}"]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
     lines.append(f"Load: {report['load_seconds']:.2f} s (ours)"
                  + (f", {report['llama_cpp_load_seconds']:.2f} s (llama.cpp)" if "llama_cpp_load_seconds" in report else ""))
     mem = report.get("memory", {})
