@@ -93,14 +93,20 @@ def load_options(args, **extra) -> dict:
             **extra}
 
 
+def add_model_arguments(group, noise: str) -> None:
+    """-m/--model and --demo, for `tide generate` and `tide chat`; `noise` says what of the
+    demo model's is noise ("its output is noise")."""
+    group.add_argument("-m", "--model", metavar="MODEL.gguf", help="a LLaDA2 GGUF written by `tide convert`")
+    group.add_argument("--demo", action="store_true",
+                       help=f"use the demo model (tiny, random weights: {noise}); built and cached on first use")
+
+
 def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = p.add_argument_group("model and prompt")
-    src.add_argument("-m", "--model", metavar="MODEL.gguf", help="a LLaDA2 GGUF written by `tide convert`")
-    src.add_argument("--demo", action="store_true",
-                     help="use the demo model (tiny, random weights: its output is noise); built and cached on first use")
+    add_model_arguments(src, "its output is noise")
     src.add_argument("-p", "--prompt", metavar="TEXT",
                      help="the prompt; '-' or leaving it out reads it from stdin")
     src.add_argument("--raw", action="store_true",

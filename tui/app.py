@@ -593,15 +593,13 @@ no model given. Either:
 
 
 def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
-    from tide_local.generate_cli import add_decoding_arguments, add_offload_arguments
+    from tide_local.generate_cli import add_decoding_arguments, add_model_arguments, add_offload_arguments
 
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(raw=False)  # for generate_cli's option checks: chat always uses the chat template
     src = p.add_argument_group("model")
-    src.add_argument("-m", "--model", metavar="MODEL.gguf", help="a LLaDA2 GGUF written by `tide convert`")
-    src.add_argument("--demo", action="store_true",
-                     help="use the demo model (tiny, random weights: its answers are noise); built and cached on first use")
+    add_model_arguments(src, "its answers are noise")
     src.add_argument("--system", metavar="TEXT", help="system prompt (change it in the app with /system)")
 
     dec = p.add_argument_group("decoding (change them in the app with /set NAME VALUE)")

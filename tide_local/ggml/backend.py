@@ -216,7 +216,27 @@ def cpu_buffer_type() -> BufferType:
     return BufferType(_L().ggml_backend_cpu_buffer_type())
 
 
-class Buffer:
+class _Owned:
+    """A handle that owns a ggml object: ``free()`` releases it; a ``with`` block or garbage
+    collection calls it too (subclasses make ``free`` idempotent)."""
+
+    def free(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down ctypes
+            pass
+
+
+class Buffer(_Owned):
     """A ggml backend buffer. Freed by :meth:`free` or when garbage collected.
 
     ``owner`` keeps wrapped host memory (numpy array, mmap, ...) alive as long as the
@@ -304,18 +324,6 @@ class Buffer:
             self.ptr = None
         self.owner = None
 
-    def __enter__(self) -> Buffer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.free()
-
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:  # noqa: BLE001
-            pass
-
     def __repr__(self) -> str:
         if self.ptr is None:
             return "Buffer(freed)"
@@ -379,7 +387,7 @@ def aligned_empty(shape, dtype=np.uint8, alignment: int = 64) -> np.ndarray:
     return raw[start : start + n].view(dtype).reshape(shape)
 
 
-class Event:
+class Event(_Owned):
     """A device event for ordering work between backends (only on devices with ``events`` in props)."""
 
     def __init__(self, device: Device):
@@ -405,17 +413,11 @@ class Event:
             self._lib.ggml_backend_event_free(self.ptr)
             self.ptr = None
 
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:  # noqa: BLE001
-            pass
-
 
 # --------------------------------------------------------------------------- graph allocator
 
 
-class GraphAllocator:
+class GraphAllocator(_Owned):
     """A compute buffer that ggml-alloc packs a graph's intermediate tensors into.
 
     ``alloc(graph)`` gives every unallocated tensor of the graph memory (tensors that
@@ -484,12 +486,6 @@ class GraphAllocator:
             self._lib.ggml_gallocr_free(self.ptr)
             self.ptr = None
 
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:  # noqa: BLE001
-            pass
-
     def __repr__(self) -> str:
         return f"GraphAllocator({self.buffer_type.name}, {self.size if self.ptr else 0} bytes)"
 
@@ -504,7 +500,7 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class Backend:
+class Backend(_Owned):
     """A ggml backend stream on one device: computes graphs, moves tensor data.
 
     Create with :meth:`cpu` or :meth:`from_device`. Several CPU backends may coexist
@@ -752,18 +748,6 @@ class Backend:
             self._lib.ggml_backend_free(self.ptr)
             self.ptr = None
         self._pending.clear()
-
-    def __enter__(self) -> Backend:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.free()
-
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:  # noqa: BLE001
-            pass
 
     def __repr__(self) -> str:
         if self.ptr is None:
