@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tide_local.ggml import _lib
-from tide_local.ggml.core import Context, Graph, Tensor
+from tide_local.ggml.core import Context, Graph, OwnedHandle, Tensor
 
 __all__ = [
     "Backend",
@@ -216,27 +216,7 @@ def cpu_buffer_type() -> BufferType:
     return BufferType(_L().ggml_backend_cpu_buffer_type())
 
 
-class _Owned:
-    """A handle that owns a ggml object: ``free()`` releases it; a ``with`` block or garbage
-    collection calls it too (subclasses make ``free`` idempotent)."""
-
-    def free(self) -> None:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.free()
-
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down ctypes
-            pass
-
-
-class Buffer(_Owned):
+class Buffer(OwnedHandle):
     """A ggml backend buffer. Freed by :meth:`free` or when garbage collected.
 
     ``owner`` keeps wrapped host memory (numpy array, mmap, ...) alive as long as the
@@ -387,7 +367,7 @@ def aligned_empty(shape, dtype=np.uint8, alignment: int = 64) -> np.ndarray:
     return raw[start : start + n].view(dtype).reshape(shape)
 
 
-class Event(_Owned):
+class Event(OwnedHandle):
     """A device event for ordering work between backends (only on devices with ``events`` in props)."""
 
     def __init__(self, device: Device):
@@ -417,7 +397,7 @@ class Event(_Owned):
 # --------------------------------------------------------------------------- graph allocator
 
 
-class GraphAllocator(_Owned):
+class GraphAllocator(OwnedHandle):
     """A compute buffer that ggml-alloc packs a graph's intermediate tensors into.
 
     ``alloc(graph)`` gives every unallocated tensor of the graph memory (tensors that
@@ -500,7 +480,7 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class Backend(_Owned):
+class Backend(OwnedHandle):
     """A ggml backend stream on one device: computes graphs, moves tensor data.
 
     Create with :meth:`cpu` or :meth:`from_device`. Several CPU backends may coexist

@@ -248,7 +248,27 @@ class Tensor:
         return f"Tensor({name!r}, {type_name(self.dtype)}, ne={self.ne[: self.ndim]})"
 
 
-class Context:
+class OwnedHandle:
+    """A handle that owns a ggml object: ``free()`` releases it; a ``with`` block or garbage
+    collection calls it too (subclasses make ``free`` idempotent)."""
+
+    def free(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down ctypes
+            pass
+
+
+class Context(OwnedHandle):
     """Creates tensors and builds graphs: every op is a method returning a :class:`Tensor`.
 
     ``max_tensors`` bounds how many tensors (leaves, op results, views) the context can
@@ -284,18 +304,6 @@ class Context:
             self._lib.ggml_free(self.ptr)
             self.ptr = None
         self._keep = {}
-
-    def __enter__(self) -> Context:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.free()
-
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
     def keep_alive(self, obj) -> None:
         """Hold ``obj`` (a buffer, allocator, host array) as long as this context lives."""
