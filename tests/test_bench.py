@@ -14,7 +14,8 @@ import pytest
 import tide_local
 from tide_local import cli
 from tide_local.bench.bandwidth import read_bandwidth
-from tide_local.bench.llamacpp import LlamaCppError, LlamaCppRunner, view_path, write_bailingmoe2_copy
+from tide_local.bench.llamacpp import (LlamaCppError, LlamaCppProcess, LlamaCppRunner, view_path,
+                                       write_bailingmoe2_copy)
 from tide_local.converters.convert import convert
 from tide_local.converters.testmodel import make_checkpoint
 from tide_local.engine import CachedBlockModel
@@ -100,6 +101,17 @@ def test_llama_cpp_computes_our_logits_on_the_copy(models, copy_f32):
         assert np.abs(ours - theirs).max() < 1e-5 * np.abs(ours).max()  # measured: 1.2e-6 on 4.7
         assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
     assert np.abs(first - second).max() > 0.1  # the two blocks really differ
+
+
+def test_llama_cpp_process_times_batches_and_reports_failures(copy_f32, tmp_path):
+    with LlamaCppProcess(copy_f32, threads=1, n_ctx=128) as proc:
+        proc.prefill(np.arange(32))
+        proc.set_threads(1)
+        assert 0 < proc.time_batch(np.arange(32)) < 60
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(LlamaCppError, match="could not load"):
+        LlamaCppProcess(bad, threads=1, n_ctx=128)
 
 
 def test_bytes_read_per_forward(models):

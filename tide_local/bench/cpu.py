@@ -138,12 +138,12 @@ def _end_to_end(eng, rng, high: int, opts: BenchOptions, log) -> dict:
 
 
 def _open_llama_cpp(model_path: Path, opts: BenchOptions, n_ctx: int, log):
-    from tide_local.bench.llamacpp import LlamaCppRunner, view_path, write_bailingmoe2_copy
+    from tide_local.bench.llamacpp import LlamaCppProcess, view_path, write_bailingmoe2_copy
 
     copy = opts.llama_cpp_copy or view_path(model_path)
     log(f"llama.cpp: bailingmoe2 copy at {copy}")
     write_bailingmoe2_copy(model_path, copy)
-    return LlamaCppRunner(copy, threads=max(opts.threads), n_ctx=n_ctx, batch=BLOCK)
+    return LlamaCppProcess(copy, threads=max(opts.threads), n_ctx=n_ctx, batch=BLOCK)
 
 
 def _measure_context(eng, runner, context: int, rng, high: int, opts: BenchOptions, bandwidth: dict,

@@ -14,7 +14,11 @@ repeatedly, with logits for every token of the batch.
 from __future__ import annotations
 
 import ctypes
+import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -197,3 +201,95 @@ class LlamaCppRunner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class LlamaCppProcess:
+    """A LlamaCppRunner in a child process, driven over a pipe (one JSON line per call).
+
+    llama.cpp shares ggml's OpenMP runtime, which reads its settings once per process; ours
+    sleeps its threads between graphs (OMP_WAIT_POLICY=passive). In a child llama.cpp runs
+    with the environment a llama.cpp user has (the policy only if the user set it), and
+    its timings are taken there, so only the pipe's round trip is outside them."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int, batch: int = 32):
+        from tide_local.ggml import _lib  # what the user's environment said before our default
+
+        env = dict(os.environ)
+        if _lib.USER_OMP_WAIT_POLICY is None:
+            env.pop("OMP_WAIT_POLICY", None)
+        else:
+            env["OMP_WAIT_POLICY"] = _lib.USER_OMP_WAIT_POLICY
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tide_local.bench.llamacpp", str(path), str(threads), str(n_ctx), str(batch)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        ready = self._reply()
+        self.load_s, self.threads, self.n_ctx = ready["load_s"], threads, n_ctx
+
+    def _reply(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait()
+            raise LlamaCppError(f"the llama.cpp process exited ({'signal ' + str(-code) if code < 0 else code})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise LlamaCppError(reply["error"])
+        return reply
+
+    def _call(self, op: str, **args) -> dict:
+        self._proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self._proc.stdin.flush()
+        return self._reply()
+
+    def set_threads(self, threads: int) -> None:
+        self._call("threads", n=int(threads))
+        self.threads = threads
+
+    def prefill(self, ids: np.ndarray) -> None:
+        self._call("prefill", ids=[int(i) for i in ids])
+
+    def time_batch(self, ids: np.ndarray) -> float:
+        return self._call("time", ids=[int(i) for i in ids])["seconds"]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _serve(argv: list[str]) -> None:
+    """The child side of LlamaCppProcess: load, say ready, answer calls until stdin closes."""
+    path, threads, n_ctx, batch = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
+    out = sys.stdout
+    try:
+        runner = LlamaCppRunner(path, threads, n_ctx, batch)
+    except LlamaCppError as err:
+        out.write(json.dumps({"error": str(err)}) + "\n")
+        return
+    out.write(json.dumps({"load_s": runner.load_s}) + "\n")
+    out.flush()
+    with runner:
+        for line in sys.stdin:
+            msg = json.loads(line)
+            try:
+                if msg["op"] == "threads":
+                    runner.set_threads(msg["n"])
+                    reply = {}
+                elif msg["op"] == "prefill":
+                    runner.prefill(np.array(msg["ids"], np.int32))
+                    reply = {}
+                else:
+                    reply = {"seconds": runner.time_batch(np.array(msg["ids"], np.int32))}
+            except LlamaCppError as err:
+                reply = {"error": str(err)}
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])

@@ -449,6 +449,9 @@ def find_lib_dir() -> tuple[Path, bool]:
     return Path(list(spec.submodule_search_locations)[0]) / "lib", False
 
 
+USER_OMP_WAIT_POLICY: str | None = None  # the environment's own value, before our default
+
+
 def _load_libraries(lib_dir: Path, from_env: bool) -> dict[str, ctypes.CDLL]:
     if not lib_dir.is_dir():
         raise GGMLLibraryError(f"libggml directory {lib_dir} does not exist; {_fix_hint(lib_dir, from_env)}")
@@ -457,6 +460,8 @@ def _load_libraries(lib_dir: Path, from_env: bool) -> dict[str, ctypes.CDLL]:
     # dozens of small graphs per step and a CPU expert worker beside them, and spinning
     # threads that lose their core slow everything by orders of magnitude. Sleeping costs
     # a wake-up per graph. A user's own setting wins.
+    global USER_OMP_WAIT_POLICY
+    USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     handles: dict[str, ctypes.CDLL] = {}
     for stem, required in (("ggml-base", True), ("ggml-cpu", False), ("ggml", True)):
