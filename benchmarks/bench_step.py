@@ -56,6 +56,7 @@ import tide_local  # noqa: E402
 from tide_local import ggml  # noqa: E402
 from tide_local.converters.convert import convert  # noqa: E402
 from tide_local.converters.testmodel import build_config, checkpoint_nbytes, make_checkpoint  # noqa: E402
+from tide_local.bench.cpu import plain_token_range  # noqa: E402
 from tide_local.engine import CachedBlockModel  # noqa: E402
 from tide_local.model import llada2 as llada2_forward  # noqa: E402
 from tide_local.progress import human_bytes, human_seconds  # noqa: E402
@@ -296,30 +297,10 @@ def masked_schedule(n_steps: int) -> list[int]:
     return [int(m) for m in np.round(np.linspace(BLOCK, 1, n_steps))]
 
 
-def token_range(engine) -> int:
-    """Draw random ids below the first special id (plain tokens of the tokenizer)."""
-    specials = [i for i in (engine.mask_id, engine.eos_id, engine.role_end_id) if i is not None]
-    return min(specials + [engine.config.vocab_size])
-
-
 def step_inputs(rng, engine, masked: int) -> tuple[np.ndarray, np.ndarray]:
-    block = rng.integers(0, token_range(engine), size=BLOCK).astype(np.int32)
+    block = rng.integers(0, plain_token_range(engine), size=BLOCK).astype(np.int32)
     block[BLOCK - masked:] = engine.mask_id
     return block, np.arange(BLOCK - masked, BLOCK)
-
-
-def expert_bytes(engine) -> dict:
-    """Bytes of one expert (gate+up+down) per MoE layer, and of the weights every step reads
-    whatever the routing (everything but the expert stacks and the embedding table)."""
-    cfg, w = engine.config, engine.model.weights
-    per_expert = {}
-    stacks = 0
-    for layer in cfg.moe_layers:
-        nb = sum(w.layers[layer].experts[p].nbytes for p in ("gate", "up", "down"))
-        stacks += nb
-        per_expert[layer] = nb / cfg.n_experts
-    total = sum(t.nbytes for t in w.tensors.values())
-    return {"per_expert": per_expert, "dense": total - stacks - w.token_embd.nbytes, "stacks": stacks}
 
 
 class _Run:
@@ -331,7 +312,7 @@ class _Run:
         self.bm = CachedBlockModel(self.eng.model, BLOCK)
         rng = np.random.default_rng(seed)  # the same context for every thread count
         t0 = time.perf_counter()
-        self.bm.prefill(rng.integers(0, token_range(self.eng), size=context).astype(np.int32))
+        self.bm.prefill(rng.integers(0, plain_token_range(self.eng), size=context).astype(np.int32))
         self.prefill_s = time.perf_counter() - t0
         self.probe = Probe()
         self.times, self.parts, self.routings = [], [], []
@@ -383,26 +364,25 @@ def measure_steps(path: Path, threads: list[int], context: int, n_steps: int, se
             for k in (range(len(runs)) if j % 2 == 0 else reversed(range(len(runs)))):
                 category, job = jobs[k][j]
                 acc[k][category] += job()
-        eb = expert_bytes(eng0)
         results = []
         for r, a in zip(runs, acc):
             breakdown = {key: 1e3 * v for key, v in a.items()}
             distinct = [{l: len(np.unique(rt[l][0])) for l in cfg.moe_layers} for rt in r.routings]
-            results.append(_summary(r, path, cfg, sched, load, breakdown, distinct, eb))
+            results.append(_summary(r, path, cfg, sched, load, breakdown, distinct))
         return results
     finally:
         for r in runs:
             r.eng.close()
 
 
-def _summary(r: _Run, path: Path, cfg, sched, load, breakdown, distinct, eb) -> dict:
+def _summary(r: _Run, path: Path, cfg, sched, load, breakdown, distinct) -> dict:
     parts, times = r.parts, r.times
     mean = {k: 1e3 * float(np.mean([p[k] for p in parts])) for k in parts[0]}
     compute = mean["compute_layers"] + mean["compute_lm_head"]
     host = mean["total"] - compute
     copies = mean["set"] + mean["get"]
     per_layer = [float(np.mean(list(d.values()))) for d in distinct]
-    touched = [eb["dense"] + sum(d[l] * eb["per_expert"][l] for l in cfg.moe_layers) for d in distinct]
+    touched = [r.eng.file.bytes_read_per_forward(d) for d in distinct]
     return {
         "model": None, "file": str(path), "file_bytes": path.stat().st_size, "threads": r.threads,
         "context": r.context, "masked_rows": sched, "prefill_s": r.prefill_s, "load_before": load,
@@ -422,7 +402,7 @@ def _summary(r: _Run, path: Path, cfg, sched, load, breakdown, distinct, eb) -> 
     }
 
 
-F32, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.I32)
+F32, F16, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.F16), int(ggml.GGMLType.I32)
 
 
 def _time_graph(backend, build, reps: int = 3) -> float:
@@ -459,19 +439,16 @@ def breakdown_jobs(eng, context: int, n_rows: int, routings: list, reps: int = 3
             return outs, feeds
         return _time_graph(backend, build, reps)
 
-    def attention(ctx):
+    def attention(ctx):  # the engine's own attention over a cache of exactly n_kv positions
         q = ctx.new_tensor(F32, ne=(hd, nh, T), input=True)
         kc = ctx.new_tensor(F32, ne=(hd, nkv, n_kv), input=True)
         vc = ctx.new_tensor(F32, ne=(n_kv, hd * nkv), input=True)
-        mask = ctx.new_tensor(F32, ne=(n_kv, T), input=True)
-        keys = ctx.permute(ctx.view(kc, (hd, nkv, n_kv), (hd * 4, hd * nkv * 4), 0), 0, 2, 1, 3)
-        values = ctx.view(vc, (n_kv, hd, nkv), (n_kv * 4, n_kv * hd * 4), 0)
-        probs = ctx.soft_max(ctx.mul_mat(keys, ctx.permute(q, 0, 2, 1, 3)), mask, scale=1.0 / np.sqrt(hd))
-        out = ctx.reshape(ctx.cont(ctx.permute(ctx.mul_mat(values, probs), 0, 2, 1, 3)), hd * nh, T)
+        mask = ctx.new_tensor(F16, ne=(n_kv, T * (nh // nkv)), input=True)
+        out = llada2_forward.attention_core(ctx, q, kc, vc, n_kv, n_kv, mask)
         feeds = {q: rng.standard_normal((T, nh, hd)).astype(np.float32),
                  kc: rng.standard_normal((n_kv, nkv, hd)).astype(np.float32),
                  vc: rng.standard_normal((hd * nkv, n_kv)).astype(np.float32),
-                 mask: llada2_forward.block_causal_mask(context, T, BLOCK)}
+                 mask: llada2_forward.attention_mask(context, T, BLOCK, nh // nkv)}
         return [out], feeds
 
     def experts(layer):
@@ -520,7 +497,7 @@ def kv_compare(path: Path, threads: int, prompt_len: int, new_tokens: int, repea
     rng = np.random.default_rng(seed)
     load = os.getloadavg()[0]
     with tide_local.load(path, threads=threads) as eng:
-        prompt = [int(i) for i in rng.integers(0, token_range(eng), size=prompt_len)]
+        prompt = [int(i) for i in rng.integers(0, plain_token_range(eng), size=prompt_len)]
         for kv in (True, False):  # warm-up: pages, allocator sizes
             eng.generate(prompt, max_new_tokens=BLOCK, kv_cache=kv, stop_ids=[])
         runs = {True: [], False: []}

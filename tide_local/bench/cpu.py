@@ -75,7 +75,7 @@ def machine() -> dict:
             "numpy": np.__version__, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
-def _plain_token_range(eng) -> int:
+def plain_token_range(eng) -> int:
     """Random ids are drawn below the first special id (plain tokens of the tokenizer)."""
     specials = [i for i in (eng.mask_id, eng.eos_id, eng.role_end_id) if i is not None]
     return min(specials + [eng.config.vocab_size])
@@ -103,7 +103,7 @@ def run(model_path: str | os.PathLike, opts: BenchOptions, log=lambda msg: None)
                                 "file_bytes": model_path.stat().st_size,
                                 "type": eng.file.gguf.get("tide.output_type", "?")}
         rng = np.random.default_rng(opts.seed)
-        high = _plain_token_range(eng)
+        high = plain_token_range(eng)
         if opts.generate_tokens:
             report["generate"] = _end_to_end(eng, rng, high, opts, log)
         report["memory"] = memory_status()  # before the probe's buffer and llama.cpp count too
