@@ -682,10 +682,12 @@ def render(report: dict) -> str:
             )
     if any(not k["identical_tokens"] for k in report["kv"]):
         out += ["", "Different tokens between the modes: both compute the same math, in passes of different shapes "
-                "(the block alone vs the whole window), whose float rounding differs in the last bits; 8-bit "
-                "activation quantization of the K-quant matmuls and MoE routing flips amplify that, and random "
-                "weights give flat logits, so greedy argmaxes can part. The tests check that the two modes give "
-                "the torch reference's tokens on the tiny model."]
+                "(the block alone vs the whole window). ggml's CPU K-quant matmul takes a tiled kernel for a matrix "
+                "or expert with 8 rows or more and a per-row kernel below that, and the two round differently in "
+                "the last bits; MoE routing flips amplify that, and random weights give flat logits, so greedy "
+                "argmaxes can part. With GGML_CPU_TILED_MM=0 the two modes are bit-identical "
+                "(tests/test_exact_kernels.py); the tests also check both modes against the torch reference's "
+                "tokens on the tiny model."]
     if report.get("notes"):
         out += ["", *report["notes"]]
     return "\n".join(out) + "\n"

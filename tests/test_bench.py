@@ -160,6 +160,7 @@ def test_tide_bench_reports_a_row_per_context_and_thread_count(models, capsys, t
     (["--threads", "two"], "--threads must be comma-separated integers"),
     (["--context", "999999"], "leaves no room"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--json", "/nonexistent-dir/b.json"], "--json: cannot write to /nonexistent-dir"),
 ])
 def test_tide_bench_mistakes_are_one_line(models, capsys, args, message):
     rc, out, err = bench(capsys, str(models["q8_0"]), "--no-llama-cpp", *args)

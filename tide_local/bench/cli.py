@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None, prog: str = "tide bench") -> int:
         raise BenchError("--repeats must be >= 1")
     if args.generate < 0:
         raise BenchError("--generate must be >= 0")
+    if args.json is not None and not os.access(args.json.parent if str(args.json.parent) else ".", os.W_OK):
+        raise BenchError(f"--json: cannot write to {args.json.parent}")
     with ModelFile(args.model) as model:  # validate first: one line for a bad file
         n_ctx = model.config.context_length
         size = model.gguf.file_size

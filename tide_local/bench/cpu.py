@@ -5,7 +5,8 @@ What one row of the report says, for a context length and a thread count:
 - *ms/step*: our forward of one 32-token block at the end of a context already in the KV
   cache, logits for all 32 tokens (a block's first denoising step), median of the timed runs;
 - *llama.cpp ms*: llama.cpp decoding the same 32 tokens at the same positions over the same
-  context with logits for all 32, timed alternately with ours in the same process;
+  context with logits for all 32, timed alternately with ours (in a child process: see
+  `llamacpp.LlamaCppProcess`);
 - *MB read*: the weight bytes our step reads (every matrix but the embedding table, plus the
   distinct experts the 32 tokens chose in each MoE layer, from the step's own routing);
 - *floor*: those bytes at this machine's read bandwidth with the same thread count
@@ -106,7 +107,7 @@ def run(model_path: str | os.PathLike, opts: BenchOptions, log=lambda msg: None)
         high = plain_token_range(eng)
         if opts.generate_tokens:
             report["generate"] = _end_to_end(eng, rng, high, opts, log)
-        report["memory"] = memory_status()  # before the probe's buffer and llama.cpp count too
+        report["memory"] = memory_status()  # before the bandwidth probe's 1 GiB buffer counts too
         log("read bandwidth (STREAM-style probe)")
         report["bandwidth"] = {t: read_bandwidth(t) for t in opts.threads}
 
@@ -240,7 +241,7 @@ def render(report: dict) -> str:
                  + (f", {report['llama_cpp_load_seconds']:.2f} s (llama.cpp)" if "llama_cpp_load_seconds" in report else ""))
     mem = report.get("memory", {})
     if mem:
-        lines.append(f"Memory after loading, generating and before llama.cpp: peak RSS {_gib(mem.get('VmHWM', 0))}"
+        lines.append(f"Memory after loading and generating: peak RSS {_gib(mem.get('VmHWM', 0))}"
                      + (f", of which anonymous {_gib(mem['RssAnon'])} and mapped file {_gib(mem['RssFile'])} now"
                         if "RssAnon" in mem else ""))
     g = report.get("generate")
