@@ -108,6 +108,11 @@ def test_llama_cpp_process_times_batches_and_reports_failures(copy_f32, tmp_path
         proc.prefill(np.arange(32))
         proc.set_threads(1)
         assert 0 < proc.time_batch(np.arange(32)) < 60
+        with pytest.raises(LlamaCppError, match="exceed the context"):
+            proc.prefill(np.arange(160))
+    with LlamaCppRunner(copy_f32, threads=1, n_ctx=2048) as runner:
+        with pytest.raises(LlamaCppError, match="exceed the batch"):
+            runner.time_batch(np.zeros(600, np.int32))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(64))
     with pytest.raises(LlamaCppError, match="could not load"):

@@ -141,12 +141,17 @@ class LlamaCppRunner:
         self.load_s = time.perf_counter() - t0
         self.threads, self.n_ctx = threads, n_ctx
         self.n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
-        self._batch = ll.llama_batch_init(max(batch, 512), 0, 1)
+        self._capacity = max(batch, 512)
+        self._batch = ll.llama_batch_init(self._capacity, 0, 1)
         self.n_past = 0
 
     def _decode(self, ids: np.ndarray, start: int, logits: bool) -> None:
         ll, b = self._ll, self._batch
         n = len(ids)
+        if n > self._capacity:  # the batch's C arrays hold this many tokens
+            raise LlamaCppError(f"{n} tokens exceed the batch of {self._capacity}")
+        if start + n > self.n_ctx:
+            raise LlamaCppError(f"positions up to {start + n} exceed the context of {self.n_ctx}")
         for i, tok in enumerate(ids):
             b.token[i] = int(tok)
             b.pos[i] = start + i
