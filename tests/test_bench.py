@@ -155,6 +155,8 @@ def test_tide_bench_reports_a_row_per_context_and_thread_count(models, capsys, t
         assert row["ms_per_step"] > 0 and row["llama_cpp_ms"] > 0
         assert row["x_floor"] == pytest.approx(row["ms_per_step"] / row["floor_ms"])
         assert 0 < row["distinct_experts_per_layer"] <= 16
+        assert row["ops_ms"]["routed_experts"] > 0 and row["ops_ms"]["lm_head"] > 0
+        assert row["x_kernels"] == pytest.approx(row["ms_per_step"] / row["kernels_ms"])
     assert report["generate"]["tokens"] == 8
     assert [p["context"] for p in report["prefill"]] == [64, 96]
     assert all(p["seconds"] > 0 and p["llama_cpp_seconds"] > 0 for p in report["prefill"])

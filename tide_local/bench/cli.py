@@ -21,6 +21,9 @@ what it measures (each row: one context length and thread count):
                  the distinct experts its 32 tokens chose in each MoE layer
   floor, x floor those bytes at this machine's read bandwidth (a STREAM-style probe with
                  the same thread count), and how many times the floor the step takes
+  kernels        the step's matmuls and attention run alone, op kind by op kind, over the
+                 same weights and routing: what ggml's kernels need (x kernels: the rest is
+                 our graphs' own work — norms, RoPE, copies — and host time)
   llama.cpp      llama.cpp (llama-cpp-python) decoding the same 32 tokens at the same
                  positions over the same context, timed alternately with ours; it reads a
                  `bailingmoe2` copy of the model written beside it once (same tensors,

@@ -28,6 +28,7 @@ import numpy as np
 
 import tide_local
 from tide_local.bench.bandwidth import read_bandwidth
+from tide_local.bench.ops import OP_KINDS, op_jobs
 from tide_local.engine import CachedBlockModel
 
 BLOCK = 32
@@ -191,10 +192,18 @@ def _measure_context(eng, runner, context: int, rng, high: int, opts: BenchOptio
         nbytes = eng.file.bytes_read_per_forward(distinct)
         step = float(np.median(mine))
         floor = nbytes / bandwidth[threads]
+        # the same step's matmuls and attention one op kind at a time: what ggml's kernels need
+        routing = {layer: (r.experts.copy(), r.weights.copy()) for layer, r in eng.model.pending_routing.items()}
+        ops = dict.fromkeys(OP_KINDS, 0.0)
+        for kind, job in op_jobs(eng, context, BLOCK, [routing]):
+            ops[kind] += job()
+        kernels = sum(ops.values())
         row = {"context": context, "threads": threads, "ms_per_step": 1e3 * step, "ms_min": 1e3 * min(mine),
                "distinct_experts_per_layer": float(np.mean(list(distinct.values()))) if distinct else 0.0,
                "bytes_read": nbytes, "achieved_gbps": nbytes / step / 1e9,
-               "bandwidth_gbps": bandwidth[threads] / 1e9, "floor_ms": 1e3 * floor, "x_floor": step / floor}
+               "bandwidth_gbps": bandwidth[threads] / 1e9, "floor_ms": 1e3 * floor, "x_floor": step / floor,
+               "ops_ms": {k: 1e3 * v for k, v in ops.items()}, "kernels_ms": 1e3 * kernels,
+               "x_kernels": step / kernels}
         if runner is not None:
             lc = float(np.median(theirs))
             row.update({"llama_cpp_ms": 1e3 * lc, "llama_cpp_ms_min": 1e3 * min(theirs),
@@ -216,17 +225,25 @@ def render(report: dict) -> str:
              ""]
     has_llama = any("llama_cpp_ms" in r for r in report["rows"])
     head = ["context", "threads", "ms/step", "min", "experts/layer", "MB read", "GB/s", "read bw GB/s",
-            "floor ms", "× floor"]
+            "floor ms", "× floor", "kernels ms", "× kernels"]
     if has_llama:
         head += ["llama.cpp ms", "ours / llama.cpp"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         cells = [r["context"], r["threads"], f"**{r['ms_per_step']:.1f}**", f"{r['ms_min']:.1f}",
                  f"{r['distinct_experts_per_layer']:.0f}", f"{r['bytes_read'] / 1e6:.0f}", f"{r['achieved_gbps']:.1f}",
-                 f"{r['bandwidth_gbps']:.1f}", f"{r['floor_ms']:.1f}", f"{r['x_floor']:.2f}×"]
+                 f"{r['bandwidth_gbps']:.1f}", f"{r['floor_ms']:.1f}", f"{r['x_floor']:.2f}×",
+                 f"{r['kernels_ms']:.1f}", f"{r['x_kernels']:.2f}×"]
         if has_llama:
             cells += [f"{r['llama_cpp_ms']:.1f}", f"**{r['ours_over_llama_cpp']:.2f}**"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "*kernels*: the step's matmuls and attention run alone, one op kind at a time over the same "
+              "weights and routing (`tide_local.bench.ops`): what ggml's kernels need for the step. Split, ms:", ""]
+    head = ["context", "threads"] + list(OP_KINDS)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        lines.append("| " + " | ".join([str(r["context"]), str(r["threads"])]
+                                       + [f"{r['ops_ms'][k]:.1f}" for k in OP_KINDS]) + " |")
     lines.append("")
     if report.get("prefill"):
         head = ["prompt (tokens)", "threads", "ours s", "tokens/s"] + (["llama.cpp s", "tokens/s"] if has_llama else [])
