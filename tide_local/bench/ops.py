@@ -69,18 +69,15 @@ def op_jobs(eng, context: int, n_rows: int, routings: list, reps: int = 3) -> li
         """mean over the steps, each with the routing that step chose"""
         lw = w.layers[layer]
         ctx = ggml.Context(max_tensors=64)
-        x = ctx.new_tensor(F32, ne=(H, 1, T), input=True)
+        x = ctx.new_tensor(F32, ne=(H, T), input=True)
         ids = ctx.new_tensor(I32, ne=(K, T), input=True)
         wts = ctx.new_tensor(F32, ne=(1, K, T), input=True)
-        gate = ctx.mul_mat_id(lw.experts["gate"], x, ids)
-        up = ctx.mul_mat_id(lw.experts["up"], x, ids)
-        down = ctx.mul_mat_id(lw.experts["down"], ctx.mul(ctx.mul(ctx.silu(gate), up), wts), ids)
-        graph = ctx.build_graph(down)
+        graph = ctx.build_graph(llada2_forward.routed_experts(ctx, lw.experts, x, ids, wts))  # the engine's own
         times = []
         for i, routing in enumerate([routings[0]] + list(routings)):  # the first is a warm-up
             e, wt = routing[layer]
             t0 = time.perf_counter()
-            backend.compute(graph, {x: x_np.reshape(T, 1, H), ids: e, wts: wt.reshape(T, K, 1)})
+            backend.compute(graph, {x: x_np, ids: e, wts: wt.reshape(T, K, 1)})
             if i:
                 times.append(time.perf_counter() - t0)
         return float(np.mean(times))

@@ -78,6 +78,16 @@ def attention_core(ctx: ggml.Context, q, k_cache, v_cache, capacity: int, n_kv: 
     return ctx.reshape(ctx.cont(ctx.permute(out, 0, 1, 3, 2)), hd * nh, T)  # heads in order
 
 
+def routed_experts(ctx: ggml.Context, stacks: dict, x, ids, weights):
+    """Weighted per-choice expert outputs [H, K, T] of x [H, T] (the weight applied before the
+    linear down); `stacks`: gate/up/down expert stacks, ids I32 [K, T], weights F32 [1, K, T]."""
+    xr = ctx.reshape(x, x.ne[0], 1, x.ne[1])
+    gate = ctx.mul_mat_id(stacks["gate"], xr, ids)  # [M, K, T]
+    up = ctx.mul_mat_id(stacks["up"], xr, ids)
+    act = ctx.mul(ctx.mul(ctx.silu(gate), up), weights)
+    return ctx.mul_mat_id(stacks["down"], act, ids)  # [H, K, T]
+
+
 class KVCache:
     """Per layer K [head_dim, n_kv, capacity] and V stored transposed [capacity, head_dim·n_kv], f32."""
 
@@ -235,13 +245,7 @@ class Pass:
         return ctx.add(h, out)
 
     def _experts(self, stacks: dict, x, ids, weights):
-        """Weighted per-choice expert outputs [H, K, T] (the weight applied before the linear down)."""
-        ctx, cfg = self.ctx, self.model.config
-        xr = ctx.reshape(x, cfg.hidden_size, 1, self.n_tokens)
-        gate = ctx.mul_mat_id(stacks["gate"], xr, ids)  # [M, K, T]
-        up = ctx.mul_mat_id(stacks["up"], xr, ids)
-        act = ctx.mul(ctx.mul(ctx.silu(gate), up), weights)
-        return ctx.mul_mat_id(stacks["down"], act, ids)  # [H, K, T]
+        return routed_experts(self.ctx, stacks, x, ids, weights)
 
     def _lm_head(self, n_rows: int, bind: bool = True):
         if n_rows not in self._lm_heads:
