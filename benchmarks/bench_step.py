@@ -59,6 +59,7 @@ from tide_local.converters.testmodel import build_config, checkpoint_nbytes, mak
 from tide_local.bench.cpu import plain_token_range  # noqa: E402
 from tide_local.bench.ops import OP_KINDS, op_jobs  # noqa: E402
 from tide_local.engine import CachedBlockModel  # noqa: E402
+from tide_local.ggml.backend import usable_cores  # noqa: E402
 from tide_local.model import llada2 as llada2_forward  # noqa: E402
 from tide_local.progress import human_bytes, human_seconds  # noqa: E402
 
@@ -476,7 +477,7 @@ def machine() -> dict:
     info = ggml.library_info()
     isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     return {
-        "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "usable_cores": usable_cores(),
         "memory_bytes": mem, "python": platform.python_version(), "numpy": np.__version__,
         "llama_cpp_python": llama, "ggml_version": info.get("version"), "ggml_commit": info.get("commit"),
     }
@@ -616,7 +617,7 @@ def render(report: dict) -> str:
 
 
 def parse_threads(text: str | None) -> list[int]:
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if not text:
         return sorted({1, cores})
     return [cores if t == "all" else int(t) for t in text.split(",")]

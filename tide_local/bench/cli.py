@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tide_local.errors import TideError
+from tide_local.ggml.backend import usable_cores
 from tide_local.progress import human_bytes
 
 EPILOG = """\
@@ -46,7 +47,7 @@ def _int_list(text: str, what: str, allow_all: bool = False) -> list[int]:
     for part in text.split(","):
         part = part.strip()
         if allow_all and part == "all":
-            out.append(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+            out.append(usable_cores())
             continue
         try:
             value = int(part)

@@ -30,6 +30,7 @@ import tide_local
 from tide_local.bench.bandwidth import read_bandwidth
 from tide_local.bench.ops import OP_KINDS, op_jobs
 from tide_local.engine import CachedBlockModel
+from tide_local.ggml.backend import usable_cores
 
 BLOCK = 32
 
@@ -37,7 +38,7 @@ BLOCK = 32
 @dataclass
 class BenchOptions:
     contexts: list[int] = field(default_factory=lambda: [512, 2048])
-    threads: list[int] = field(default_factory=lambda: sorted({1, os.cpu_count() or 1}))
+    threads: list[int] = field(default_factory=lambda: sorted({1, usable_cores()}))
     repeats: int = 5  # timed steps per (context, threads), after one warm-up
     llama_cpp: bool = True
     llama_cpp_copy: Path | None = None  # where the bailingmoe2 copy goes (default: beside the model)

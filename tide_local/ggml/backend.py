@@ -473,7 +473,9 @@ class GraphAllocator(OwnedHandle):
 # --------------------------------------------------------------------------- backends
 
 
-def _default_threads() -> int:
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one): the default
+    thread count."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -508,7 +510,7 @@ class Backend(OwnedHandle):
         if not ptr:
             ptr = L.ggml_backend_init_by_type(_lib.DEV_TYPE_CPU, None)
         backend = cls(ptr)
-        backend.n_threads = n_threads or _default_threads()
+        backend.n_threads = n_threads or usable_cores()
         return backend
 
     @classmethod
@@ -531,7 +533,7 @@ class Backend(OwnedHandle):
             raise RuntimeError(f"cannot initialize a backend on {device!r}")
         backend = cls(ptr, device)
         if device.type == "cpu":
-            backend.n_threads = _default_threads()
+            backend.n_threads = usable_cores()
         return backend
 
     @classmethod
