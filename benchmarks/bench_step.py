@@ -60,7 +60,7 @@ from tide_local.bench.cpu import plain_token_range  # noqa: E402
 from tide_local.bench.ops import OP_KINDS, op_jobs  # noqa: E402
 from tide_local.engine import CachedBlockModel  # noqa: E402
 from tide_local.ggml.backend import usable_cores  # noqa: E402
-from tide_local.model import llada2 as llada2_forward  # noqa: E402
+from tide_local.model import forward  # noqa: E402
 from tide_local.progress import human_bytes, human_seconds  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -229,8 +229,8 @@ def instrumented(engine, probe: Probe):
     """Install timers in this process: ggml compute (per graph kind), the host router,
     Tensor.set/get, pass and LM-head graph construction. Removed on exit."""
     backend = engine.backend
-    Pass, Tensor = llada2_forward.Pass, ggml.Tensor
-    orig = {"route": llada2_forward.route, "set": Tensor.set, "get": Tensor.get,
+    Pass, Tensor = forward.Pass, ggml.Tensor
+    orig = {"route": forward.route, "set": Tensor.set, "get": Tensor.get,
             "lm_head": Pass._lm_head, "init": Pass.__init__, "lib": backend._lib}
     perf = time.perf_counter
 
@@ -274,7 +274,7 @@ def instrumented(engine, probe: Probe):
     Backend_compute = type(backend).compute
     backend.compute = compute
     backend._lib = _TimedLib(orig["lib"], probe)
-    llada2_forward.route = route
+    forward.route = route
     Tensor.set, Tensor.get = tset, tget
     Pass._lm_head, Pass.__init__ = lm_head, init
     try:
@@ -282,7 +282,7 @@ def instrumented(engine, probe: Probe):
     finally:
         del backend.compute
         backend._lib = orig["lib"]
-        llada2_forward.route = orig["route"]
+        forward.route = orig["route"]
         Tensor.set, Tensor.get = orig["set"], orig["get"]
         Pass._lm_head, Pass.__init__ = orig["lm_head"], orig["init"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from tide_local.converters.quant_plan import OUTPUT_TYPES, plan_types
 from tide_local.converters.testmodel import build_config
 from tide_local.gguf import tensor_nbytes
-from tide_local.llada2 import LLaDA2Config, tensor_specs
+from tide_local.architecture import LLaDA2Config, tensor_specs
 
 
 def sizes(preset: str) -> dict[str, tuple[float, float]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType
 
-from tide_local import llada2
+from tide_local import architecture
 from tide_local.errors import OutputPathError
 from tide_local.gguf import GGUFStreamWriter, tensor_nbytes
 from tide_local.progress import Progress, human_bytes
@@ -62,26 +62,26 @@ def _work_items(checkpoint: HFCheckpoint, plan: TensorPlan):
 def _metadata(checkpoint: HFCheckpoint, plans: list[TensorPlan], output_type: str, alignment: int) -> dict:
     cfg = checkpoint.config
     meta: dict[str, object] = {
-        "general.architecture": llada2.ARCH,
+        "general.architecture": architecture.ARCH,
         "general.name": checkpoint.dir.name,
         "general.file_type": int(OUTPUT_TYPES[output_type][1]),
         "general.quantization_version": 2,
     }
     meta.update(cfg.gguf_metadata())
-    meta.update(llada2.CONSTANT_ARCH_METADATA)
+    meta.update(architecture.CONSTANT_ARCH_METADATA)
     meta.update({
-        "tide.layout_version": llada2.LAYOUT_VERSION,
+        "tide.layout_version": architecture.LAYOUT_VERSION,
         "tide.output_type": output_type,
         "tide.expert_alignment": alignment,
-        "tide.block_length": llada2.DEFAULT_BLOCK_LENGTH,
-        "tide.steps": llada2.DEFAULT_STEPS,
-        "tide.threshold": llada2.DEFAULT_THRESHOLD,
+        "tide.block_length": architecture.DEFAULT_BLOCK_LENGTH,
+        "tide.steps": architecture.DEFAULT_STEPS,
+        "tide.threshold": architecture.DEFAULT_THRESHOLD,
     })
     types = {p.spec.name: p.ggml_type for p in plans}
-    for proj in llada2.EXPERT_PROJECTIONS:
+    for proj in architecture.EXPERT_PROJECTIONS:
         slice_bytes = []
         for layer in range(cfg.n_layers):
-            name = llada2.expert_tensor_name(layer, proj)
+            name = architecture.expert_tensor_name(layer, proj)
             if name in types:
                 ne = next(p.spec.ne for p in plans if p.spec.name == name)
                 slice_bytes.append(tensor_nbytes(ne[:2], types[name]))
@@ -96,7 +96,7 @@ def _metadata(checkpoint: HFCheckpoint, plans: list[TensorPlan], output_type: st
 
 
 _ITEM_TYPES = {"tokenizer.ggml.token_type": GGUFValueType.INT32}
-_ITEM_TYPES.update({f"tide.expert_slice_bytes.{p}": GGUFValueType.UINT64 for p in llada2.EXPERT_PROJECTIONS})
+_ITEM_TYPES.update({f"tide.expert_slice_bytes.{p}": GGUFValueType.UINT64 for p in architecture.EXPERT_PROJECTIONS})
 
 
 def _check_output(out: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tide_local.errors import CheckpointError, UnsupportedModelError
-from tide_local.llada2 import HF_ARCHITECTURES, HF_MODEL_TYPES, LLaDA2Config, TensorSpec, hf_shape, tensor_specs
+from tide_local.architecture import HF_ARCHITECTURES, HF_MODEL_TYPES, LLaDA2Config, TensorSpec, hf_shape, tensor_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType
 
-from tide_local.llada2 import TensorSpec
+from tide_local.architecture import TensorSpec
 
 # name → (base type, file type recorded in general.file_type)
 OUTPUT_TYPES: dict[str, tuple[T, LlamaFileType]] = {

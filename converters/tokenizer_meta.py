@@ -14,7 +14,7 @@ from pathlib import Path
 from gguf import TokenType
 
 from tide_local.errors import CheckpointError
-from tide_local.llada2 import SPECIAL_TOKEN_KEYS, SPECIAL_TOKENS
+from tide_local.architecture import SPECIAL_TOKEN_KEYS, SPECIAL_TOKENS
 
 
 def find_special_ids(tokenizer_json: dict) -> dict[str, int]:

@@ -19,7 +19,7 @@ from tide_local.cli import main as tide
 from tide_local.converters.convert import convert
 from tide_local.converters.testmodel import make_checkpoint
 from tide_local.gguf import GGUFFile
-from tide_local.llada2 import tensor_specs
+from tide_local.architecture import tensor_specs
 from tide_local.modelfile import ModelFile
 
 # Relative RMS error allowed per stored type (random gaussian weights).

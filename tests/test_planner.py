@@ -15,7 +15,7 @@ from tide_local.converters.convert import convert
 from tide_local.converters.testmodel import build_config, make_checkpoint
 from tide_local.experts.replay import replay
 from tide_local.experts.trace import RoutingTrace
-from tide_local.llada2 import LLaDA2Config
+from tide_local.architecture import LLaDA2Config
 from tide_local.planner.cost import Costs, layer_times, predict, replay_counts
 from tide_local.planner.milp import brute_force, build_cost_table, paper_program, solve
 from tide_local.planner.profile import Profile, ProfileError, load_profile, preset_names

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tide_local import llada2
+from tide_local import architecture
 from tide_local.errors import OutputPathError, TideError
 
 # Bump when the demo checkpoint or its conversion changes.
@@ -46,7 +46,7 @@ def cache_dir() -> Path:
 
 
 def demo_file_name() -> str:
-    return f"demo-llada2-{DEMO_PRESET}-v{DEMO_VERSION}-layout{llada2.LAYOUT_VERSION}-{DEMO_TYPE}.gguf"
+    return f"demo-llada2-{DEMO_PRESET}-v{DEMO_VERSION}-layout{architecture.LAYOUT_VERSION}-{DEMO_TYPE}.gguf"
 
 
 def _usable(path: Path) -> bool:

@@ -16,13 +16,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from tide_local import ggml
-from tide_local.errors import TideError
+from tide_local.errors import DeviceError, TideError
 from tide_local.experts.memory import BudgetError, MemoryPlan, budget_for_slots, parse_memory, plan_memory
 from tide_local.experts.offload import ExpertOffload
 from tide_local.experts.policies import POLICIES, make_policy
 from tide_local.experts.trace import RoutingTrace
 from tide_local.diffusion import BlockEvent, DecodeOptions, DecodeResult, StepEvent, WindowModel, iter_decode
-from tide_local.model.llada2 import LLaDA2Model
+from tide_local.model.forward import LLaDA2Model
 from tide_local.modelfile import ModelFile
 from tide_local.tokenizer import Tokenizer
 
@@ -71,10 +71,6 @@ class CachedBlockModel:
 
 DEFAULT_TAU = 4  # until the planner chooses it ("auto")
 DEFAULT_CONTEXT = 4096
-
-
-class DeviceError(TideError):
-    """The requested device does not exist in the loaded libggml."""
 
 
 def _resolve_device(device: str, threads: int):

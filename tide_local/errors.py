@@ -1,5 +1,8 @@
-"""Errors a user can cause. Each has a message that says what to do; the CLI prints it
-on one line (no traceback) and exits with code 2."""
+"""Every error a user can cause, in one place. Each has a message that says what to do; the
+CLI prints it on one line (no traceback) and exits with code 2.
+
+    from tide_local.errors import TideError   # catches all of them
+"""
 
 
 class TideError(Exception):
@@ -8,10 +11,16 @@ class TideError(Exception):
     exit_code = 2
 
 
+# -- the installation ---------------------------------------------------------------------------
 class GGMLLibraryError(TideError):
     """libggml is missing or not the version our declarations were written for."""
 
 
+class DeviceError(TideError):
+    """The requested device does not exist in the loaded libggml."""
+
+
+# -- input files --------------------------------------------------------------------------------
 class CheckpointError(TideError):
     """A Hugging Face checkpoint directory is unusable (missing file, wrong model, bad tensor)."""
 
@@ -24,5 +33,35 @@ class GGUFError(TideError):
     """A GGUF file is malformed, truncated, or not a LLaDA2 model."""
 
 
+class ChatTemplateError(TideError):
+    """The model's chat template is missing or fails to render."""
+
+
+class TraceError(TideError):
+    """A routing trace file is unreadable or does not match the model."""
+
+
+class ProfileError(TideError):
+    """A profile file is unreadable, of another format or version, or of another model."""
+
+
+# -- what was asked -----------------------------------------------------------------------------
+class UsageError(TideError):
+    """A bad command-line option or combination of options."""
+
+
+class ContextError(TideError):
+    """A prompt plus the tokens asked for does not fit the context the engine was loaded with."""
+
+
+class BudgetError(TideError):
+    """The device memory budget cannot hold what the placement needs."""
+
+
 class OutputPathError(TideError):
     """The output file cannot be written."""
+
+
+# -- tools we drive -----------------------------------------------------------------------------
+class LlamaCppError(TideError):
+    """llama.cpp (for `tide bench`) cannot be loaded or run on the model."""

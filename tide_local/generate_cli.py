@@ -8,7 +8,7 @@ import os
 import sys
 from itertools import chain
 
-from tide_local.errors import TideError
+from tide_local.errors import TideError, UsageError
 
 DESCRIPTION = """\
 Generate text with a LLaDA2 GGUF (written by `tide convert`). The prompt goes through the
@@ -46,10 +46,6 @@ _FLAGS = {
     "top_p": "--top-p",
     "seed": "--seed",
 }
-
-
-class UsageError(TideError):
-    """A bad combination or value of `tide generate` options."""
 
 
 def add_decoding_arguments(group) -> None:

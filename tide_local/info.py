@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tide_local import llada2
+from tide_local import architecture
 from tide_local.errors import GGUFError
 from tide_local.modelfile import ModelFile
 from tide_local.progress import human_bytes
@@ -22,7 +22,7 @@ def describe(model: ModelFile) -> dict:
     first_moe = next(iter(cfg.moe_layers), None)
     slices = {}
     if first_moe is not None:
-        for proj in llada2.EXPERT_PROJECTIONS:
+        for proj in architecture.EXPERT_PROJECTIONS:
             layout = model.experts(first_moe, proj)
             slices[proj] = {"bytes": layout.slice_bytes, "type": layout.tensor.type_name}
     return {

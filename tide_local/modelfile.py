@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tide_local import llada2
+from tide_local import architecture
 from tide_local.errors import GGUFError
 from tide_local.gguf import GGUFFile, TensorInfo
 
@@ -37,13 +37,13 @@ class ModelFile:
     def _validate(self) -> None:
         g = self.gguf
         arch = g.get("general.architecture")
-        if arch != llada2.ARCH:
+        if arch != architecture.ARCH:
             raise GGUFError(
-                f"{g.path}: architecture is '{arch}', not '{llada2.ARCH}' "
+                f"{g.path}: architecture is '{arch}', not '{architecture.ARCH}' "
                 "(convert a LLaDA2.0 checkpoint with `tide convert`)"
             )
         try:
-            self.config = llada2.LLaDA2Config.from_gguf(g.metadata)
+            self.config = architecture.LLaDA2Config.from_gguf(g.metadata)
         except KeyError as err:
             raise GGUFError(f"{g.path}: missing metadata key {err.args[0]}") from None
         except (TypeError, ValueError) as err:
@@ -51,7 +51,7 @@ class ModelFile:
         problems = self.config.check()
         if problems:
             raise GGUFError(f"{g.path}: inconsistent hyperparameters: {problems[0]}")
-        self.specs = llada2.tensor_specs(self.config)
+        self.specs = architecture.tensor_specs(self.config)
         for spec in self.specs:
             info = g.tensors.get(spec.name)
             if info is None:
@@ -59,7 +59,7 @@ class ModelFile:
             if info.ne != spec.ne:
                 raise GGUFError(f"{g.path}: tensor {spec.name} has shape {list(info.ne)}, expected {list(spec.ne)}")
         self.special_ids = {}
-        for role, key in llada2.SPECIAL_TOKEN_KEYS.items():
+        for role, key in architecture.SPECIAL_TOKEN_KEYS.items():
             value = g.get(key)
             if value is not None:
                 if not 0 <= int(value) < self.config.vocab_size:
@@ -67,7 +67,7 @@ class ModelFile:
                 self.special_ids[role] = int(value)
         for role in ("mask", "eos"):
             if role not in self.special_ids:
-                raise GGUFError(f"{g.path}: metadata has no {llada2.SPECIAL_TOKEN_KEYS[role]}")
+                raise GGUFError(f"{g.path}: metadata has no {architecture.SPECIAL_TOKEN_KEYS[role]}")
 
     # -- what the engine and `tide info` need ------------------------------------------
     @property
@@ -78,15 +78,15 @@ class ModelFile:
         return self.gguf.tensors[name]
 
     def experts(self, layer: int, projection: str) -> ExpertLayout:
-        info = self.tensor(llada2.expert_tensor_name(layer, projection))
+        info = self.tensor(architecture.expert_tensor_name(layer, projection))
         return ExpertLayout(info, info.nbytes // self.config.n_experts)
 
     def expert_bytes(self) -> int:
         """All routed-expert weights (the part that is offloaded)."""
         return sum(
-            self.tensor(llada2.expert_tensor_name(layer, proj)).nbytes
+            self.tensor(architecture.expert_tensor_name(layer, proj)).nbytes
             for layer in self.config.moe_layers
-            for proj in llada2.EXPERT_PROJECTIONS
+            for proj in architecture.EXPERT_PROJECTIONS
         )
 
     def non_expert_bytes(self) -> int:
@@ -94,7 +94,7 @@ class ModelFile:
 
     def one_expert_bytes(self, layer: int) -> int:
         """Gate, up and down of one routed expert of a MoE layer."""
-        return sum(self.experts(layer, proj).slice_bytes for proj in llada2.EXPERT_PROJECTIONS)
+        return sum(self.experts(layer, proj).slice_bytes for proj in architecture.EXPERT_PROJECTIONS)
 
     def bytes_read_per_forward(self, distinct_experts: dict[int, int]) -> int:
         """Weight bytes one forward reads: every matrix outside the expert stacks except the
@@ -106,9 +106,9 @@ class ModelFile:
     def decoding_defaults(self) -> dict:
         g = self.gguf
         return {
-            "block_length": int(g.get("tide.block_length", llada2.DEFAULT_BLOCK_LENGTH)),
-            "steps": int(g.get("tide.steps", llada2.DEFAULT_STEPS)),
-            "threshold": float(g.get("tide.threshold", llada2.DEFAULT_THRESHOLD)),
+            "block_length": int(g.get("tide.block_length", architecture.DEFAULT_BLOCK_LENGTH)),
+            "steps": int(g.get("tide.steps", architecture.DEFAULT_STEPS)),
+            "threshold": float(g.get("tide.threshold", architecture.DEFAULT_THRESHOLD)),
         }
 
     def close(self) -> None:

@@ -13,11 +13,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from tide_local.errors import GGUFError, TideError
-
-
-class ChatTemplateError(TideError):
-    """The model's chat template is missing or fails to render."""
+from tide_local.errors import ChatTemplateError, GGUFError, TideError
 
 
 def _raise(message: str):

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from tide_local.errors import TideError
+from tide_local.errors import TideError, UsageError
 from tide_local.ggml.backend import usable_cores
 from tide_local.progress import human_bytes
 
@@ -36,10 +36,6 @@ examples:
   tide bench model.gguf --context 4096 --threads 4,8 --no-llama-cpp
   tide bench model.gguf --json bench.json         the numbers as JSON too
 """
-
-
-class BenchError(TideError):
-    pass
 
 
 def _int_list(text: str, what: str, allow_all: bool = False) -> list[int]:
@@ -84,16 +80,16 @@ def main(argv: list[str] | None = None, prog: str = "tide bench") -> int:
     from tide_local.modelfile import ModelFile
 
     if args.repeats < 1:
-        raise BenchError("--repeats must be >= 1")
+        raise UsageError("--repeats must be >= 1")
     if args.generate < 0:
-        raise BenchError("--generate must be >= 0")
+        raise UsageError("--generate must be >= 0")
     if args.json is not None and not os.access(args.json.parent if str(args.json.parent) else ".", os.W_OK):
-        raise BenchError(f"--json: cannot write to {args.json.parent}")
+        raise UsageError(f"--json: cannot write to {args.json.parent}")
     with ModelFile(args.model) as model:  # validate first: one line for a bad file
         n_ctx = model.config.context_length
         size = model.gguf.file_size
     if max(args.context) + 32 > n_ctx:
-        raise BenchError(f"--context {max(args.context)} leaves no room for a 32-token block "
+        raise UsageError(f"--context {max(args.context)} leaves no room for a 32-token block "
                          f"in the model's context of {n_ctx}")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     mapped = size * (2 if args.llama_cpp else 1)

@@ -24,16 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tide_local.errors import TideError
+from tide_local.errors import LlamaCppError, TideError
 from tide_local.gguf import GGUFFile, GGUFStreamWriter
-from tide_local.llada2 import ARCH
+from tide_local.architecture import ARCH
 from tide_local.progress import Progress, human_bytes
 
 LLAMA_ARCH = "bailingmoe2"
-
-
-class LlamaCppError(TideError):
-    """llama.cpp could not load or run the model."""
 
 
 def view_path(model: Path, cache: Path | None = None) -> Path:

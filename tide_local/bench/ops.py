@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from tide_local import ggml
-from tide_local.model import llada2 as llada2_forward
+from tide_local.model import forward
 
 BLOCK = 32
 F32, F16, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.F16), int(ggml.GGMLType.I32)
@@ -58,11 +58,11 @@ def op_jobs(eng, context: int, n_rows: int, routings: list, reps: int = 3) -> li
         kc = ctx.new_tensor(F32, ne=(hd, nkv, n_kv), input=True)
         vc = ctx.new_tensor(F32, ne=(n_kv, hd * nkv), input=True)
         mask = ctx.new_tensor(F16, ne=(n_kv, T * (nh // nkv)), input=True)
-        out = llada2_forward.attention_core(ctx, q, kc, vc, n_kv, n_kv, mask)
+        out = forward.attention_core(ctx, q, kc, vc, n_kv, n_kv, mask)
         feeds = {q: rng.standard_normal((T, nh, hd)).astype(np.float32),
                  kc: rng.standard_normal((n_kv, nkv, hd)).astype(np.float32),
                  vc: rng.standard_normal((hd * nkv, n_kv)).astype(np.float32),
-                 mask: llada2_forward.attention_mask(context, T, BLOCK, nh // nkv)}
+                 mask: forward.attention_mask(context, T, BLOCK, nh // nkv)}
         return [out], feeds
 
     def experts(layer):
@@ -72,7 +72,7 @@ def op_jobs(eng, context: int, n_rows: int, routings: list, reps: int = 3) -> li
         x = ctx.new_tensor(F32, ne=(H, T), input=True)
         ids = ctx.new_tensor(I32, ne=(K, T), input=True)
         wts = ctx.new_tensor(F32, ne=(1, K, T), input=True)
-        graph = ctx.build_graph(llada2_forward.routed_experts(ctx, lw.experts, x, ids, wts))  # the engine's own
+        graph = ctx.build_graph(forward.routed_experts(ctx, lw.experts, x, ids, wts))  # the engine's own
         times = []
         for i, routing in enumerate([routings[0]] + list(routings)):  # the first is a warm-up
             e, wt = routing[layer]

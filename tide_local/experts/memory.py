@@ -11,17 +11,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from tide_local import llada2
-from tide_local.errors import TideError
+from tide_local import architecture
+from tide_local.errors import BudgetError, TideError
 from tide_local.modelfile import ModelFile
 from tide_local.progress import human_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
-
-
-class BudgetError(TideError):
-    """The device memory budget cannot hold what must live on the device."""
 
 
 def parse_memory(value) -> int:
@@ -36,11 +32,11 @@ def parse_memory(value) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def kv_cache_bytes(cfg: llada2.LLaDA2Config, n_ctx: int) -> int:
+def kv_cache_bytes(cfg: architecture.LLaDA2Config, n_ctx: int) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * n_ctx * 4  # f32 K and V
 
 
-def compute_reserve(cfg: llada2.LLaDA2Config, n_ctx: int, block: int = 32) -> int:
+def compute_reserve(cfg: architecture.LLaDA2Config, n_ctx: int, block: int = 32) -> int:
     """A bound on one pass's activations for a block: attention scores dominate."""
     scores = 4 * cfg.n_heads * block * n_ctx
     activations = 4 * block * (cfg.qkv_dim + 4 * cfg.hidden_size + 3 * cfg.n_experts_used * cfg.hidden_size)
@@ -88,7 +84,7 @@ def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | N
     cfg = model.config
     g = model.gguf
     kinds = {"attention": 0, "norms and routers": 0, "shared experts": 0, "dense layers": 0, "LM head": 0}
-    expert_names = {llada2.expert_tensor_name(layer, p) for layer in cfg.moe_layers for p in llada2.EXPERT_PROJECTIONS}
+    expert_names = {architecture.expert_tensor_name(layer, p) for layer in cfg.moe_layers for p in architecture.EXPERT_PROJECTIONS}
     for name, t in g.tensors.items():
         if name in expert_names or name == "token_embd.weight":
             continue
@@ -107,7 +103,7 @@ def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | N
     kinds["compute buffers"] = compute_reserve(cfg, n_ctx)
     fixed = sum(kinds.values())
     moe = list(cfg.moe_layers)
-    expert_bytes = max((sum(model.experts(layer, p).slice_bytes for p in llada2.EXPERT_PROJECTIONS) for layer in moe),
+    expert_bytes = max((sum(model.experts(layer, p).slice_bytes for p in architecture.EXPERT_PROJECTIONS) for layer in moe),
                        default=0)
     if budget < fixed:
         raise BudgetError(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tide_local import ggml, llada2
+from tide_local import ggml, architecture
 from tide_local.experts.memory import MemoryPlan
 from tide_local.experts.policies import LayerSlots, Policy
 from tide_local.experts.trace import PassClock
@@ -76,7 +76,7 @@ class OffloadStats:
 class CpuExperts:
     """Missed assignments on the CPU: one row per (token, choice) pair, over the mmapped stacks."""
 
-    def __init__(self, backend: ggml.Backend, weights, cfg: llada2.LLaDA2Config):
+    def __init__(self, backend: ggml.Backend, weights, cfg: architecture.LLaDA2Config):
         self.backend, self.weights, self.cfg = backend, weights, cfg
         self.allocator = ggml.GraphAllocator(backend)
         self._graphs: dict[tuple[int, int], tuple] = {}
@@ -137,7 +137,7 @@ class ExpertOffload:
             stacks = weights.layers[layer].experts
             self.pools[layer] = {
                 proj: self.context.new_tensor(stacks[proj].dtype, ne=(stacks[proj].ne[0], stacks[proj].ne[1], n))
-                for proj in llada2.EXPERT_PROJECTIONS
+                for proj in architecture.EXPERT_PROJECTIONS
             }
         self.buffer = device.alloc_tensors(self.context) if self.pools else None
         self.cpu = CpuExperts(cpu, weights, cfg)
@@ -163,7 +163,7 @@ class ExpertOffload:
         g = self.file.gguf
         pool = self.pools[layer]
         nbytes = 0
-        for proj in llada2.EXPERT_PROJECTIONS:
+        for proj in architecture.EXPERT_PROJECTIONS:
             layout = self.file.experts(layer, proj)
             src = g.tensor_data(layout.tensor.name)
             size = layout.slice_bytes

@@ -12,13 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tide_local.errors import TideError
+from tide_local.errors import TideError, TraceError
 
 TRACE_VERSION = 1
-
-
-class TraceError(TideError):
-    """A trace file is corrupt or belongs to another model."""
 
 
 class PassClock:

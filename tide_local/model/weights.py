@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tide_local import ggml, llada2
+from tide_local import ggml, architecture
 from tide_local.modelfile import ModelFile
 
 
@@ -80,7 +80,7 @@ class Weights:
             if cfg.is_moe_layer(i):
                 layer.router = get(p + "ffn_gate_inp.weight")
                 layer.expert_bias = np.array(g.tensor_array(p + "exp_probs_b.bias"), dtype=np.float32)
-                layer.experts = {proj: get(llada2.expert_tensor_name(i, proj)) for proj in llada2.EXPERT_PROJECTIONS}
+                layer.experts = {proj: get(architecture.expert_tensor_name(i, proj)) for proj in architecture.EXPERT_PROJECTIONS}
                 if cfg.n_shared_experts:
                     layer.shared_gate = get(p + "ffn_gate_shexp.weight")
                     layer.shared_up = get(p + "ffn_up_shexp.weight")
@@ -93,7 +93,7 @@ class Weights:
 
     def _copy_to(self, device: ggml.Backend, model: ModelFile, progress) -> None:
         stays = {"token_embd.weight"} | {
-            llada2.expert_tensor_name(layer, p) for layer in model.config.moe_layers for p in llada2.EXPERT_PROJECTIONS
+            architecture.expert_tensor_name(layer, p) for layer in model.config.moe_layers for p in architecture.EXPERT_PROJECTIONS
         }
         names = [n for n in model.gguf.tensors if n not in stays]
         self.device_context = ggml.Context(max_tensors=len(names) + 8)

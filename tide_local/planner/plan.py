@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tide_local.errors import TideError
+from tide_local.errors import TideError, UsageError
 
 PLAN_FORMAT = "tide-local plan"
 PLAN_VERSION = 1
@@ -31,10 +31,6 @@ BUILTIN_PROMPTS = (
     "Explain in a few sentences why the sky is blue and why sunsets are red.",
     "List three prime numbers greater than 100 and show how to check that each is prime.",
 )
-
-
-class PlanUsageError(TideError):
-    """A bad `tide plan` option."""
 
 
 def _log(msg: str) -> None:
@@ -350,19 +346,19 @@ def main(argv: list[str] | None = None, prog: str = "tide plan") -> int:
     from tide_local.planner.shape import shape_from_file
 
     if args.demo == bool(args.model):
-        raise PlanUsageError("give -m MODEL.gguf or --demo (one of them)")
+        raise UsageError("give -m MODEL.gguf or --demo (one of them)")
     if (args.gpu_memory is None) == (args.expert_slots is None):
-        raise PlanUsageError("give the budget as --gpu-memory SIZE or --expert-slots N (one of them)")
+        raise UsageError("give the budget as --gpu-memory SIZE or --expert-slots N (one of them)")
     taus = None
     if args.taus:
         try:
             taus = sorted({int(t) for t in args.taus.split(",")})
         except ValueError:
-            raise PlanUsageError(f"--taus must be a list of positive integers like 1,2,4, got {args.taus}") from None
+            raise UsageError(f"--taus must be a list of positive integers like 1,2,4, got {args.taus}") from None
         if taus[0] < 1:
-            raise PlanUsageError(f"--taus must be positive, got {args.taus}")
+            raise UsageError(f"--taus must be positive, got {args.taus}")
     if args.ctx < 32:
-        raise PlanUsageError(f"--ctx must be at least 32, got {args.ctx}")
+        raise UsageError(f"--ctx must be at least 32, got {args.ctx}")
     if args.demo:
         from tide_local.demo import demo_model_path
 
@@ -375,13 +371,13 @@ def main(argv: list[str] | None = None, prog: str = "tide plan") -> int:
         n_ctx = min(args.ctx, mf.config.context_length)
         if args.expert_slots is not None:
             if args.expert_slots < 1:
-                raise PlanUsageError(f"--expert-slots must be at least 1, got {args.expert_slots}")
+                raise UsageError(f"--expert-slots must be at least 1, got {args.expert_slots}")
             budget = budget_for_slots(mf, min(args.expert_slots, mf.config.n_experts), n_ctx)
         else:
             try:
                 budget = parse_memory(args.gpu_memory)
             except ValueError as err:
-                raise PlanUsageError(str(err)) from None
+                raise UsageError(str(err)) from None
     # the profile
     if args.profile:
         profile = load_profile(args.profile)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tide_local.errors import TideError
+from tide_local.errors import ProfileError, TideError, UsageError
 from tide_local.planner.cost import Costs
 from tide_local.planner.shape import ModelShape
 
@@ -57,10 +57,6 @@ HARDWARE_FIELDS = (
 )
 COST_FIELDS = tuple(f.name for f in fields(Costs))
 SIGNATURE_FIELDS = ("n_experts", "n_experts_used", "hidden_size", "expert_ffn_dim", "expert_bytes", "n_moe_layers")
-
-
-class ProfileError(TideError):
-    """A profile file is unreadable, of another format or version, or of another model."""
 
 
 def profile_dir() -> Path:
@@ -584,18 +580,14 @@ def build_parser(prog: str = "tide profile") -> argparse.ArgumentParser:
     return p
 
 
-class ProfileUsageError(TideError):
-    """A bad `tide profile` option."""
-
-
 def main(argv: list[str] | None = None, prog: str = "tide profile") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.repeat < 1:
-        raise ProfileUsageError(f"--repeat must be at least 1, got {args.repeat}")
+        raise UsageError(f"--repeat must be at least 1, got {args.repeat}")
     if args.threads is not None and args.threads < 1:
-        raise ProfileUsageError(f"--threads must be at least 1, got {args.threads}")
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if args.ctx < 64:
-        raise ProfileUsageError(f"--ctx must be at least 64, got {args.ctx}")
+        raise UsageError(f"--ctx must be at least 64, got {args.ctx}")
     if args.model is None:
         from tide_local.demo import demo_model_path
 

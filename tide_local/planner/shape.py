@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from tide_local import llada2
+from tide_local import architecture
 from tide_local.experts.memory import compute_reserve, kv_cache_bytes
 
 # Bytes per weight of the types a config-only shape may assume. q4_k_m mixes q4_K and
@@ -34,7 +34,7 @@ class ModelShape:
     block_length: int
     steps: int
     non_expert_bytes: int  # fixed device bytes without the KV cache and compute buffers
-    config: llada2.LLaDA2Config = field(repr=False, compare=False)
+    config: architecture.LLaDA2Config = field(repr=False, compare=False)
 
     @property
     def n_moe_layers(self) -> int:
@@ -81,12 +81,12 @@ def shape_from_file(model) -> ModelShape:
 
     cfg = model.config
     moe = tuple(cfg.moe_layers)
-    expert_bytes = max((sum(model.experts(layer, p).slice_bytes for p in llada2.EXPERT_PROJECTIONS) for layer in moe),
+    expert_bytes = max((sum(model.experts(layer, p).slice_bytes for p in architecture.EXPERT_PROJECTIONS) for layer in moe),
                        default=0)
     layer_bytes = 0
     if moe:
         prefix = f"blk.{moe[0]}."
-        experts = {llada2.expert_tensor_name(moe[0], p) for p in llada2.EXPERT_PROJECTIONS}
+        experts = {architecture.expert_tensor_name(moe[0], p) for p in architecture.EXPERT_PROJECTIONS}
         layer_bytes = sum(t.nbytes for name, t in model.gguf.tensors.items()
                           if name.startswith(prefix) and name not in experts)
     gate = model.experts(moe[0], "gate").tensor.type_name if moe else "none"
@@ -102,7 +102,7 @@ def shape_from_file(model) -> ModelShape:
     return shape
 
 
-def shape_from_config(cfg: llada2.LLaDA2Config, weight_type: str = "bf16", name: str = "model") -> ModelShape:
+def shape_from_config(cfg: architecture.LLaDA2Config, weight_type: str = "bf16", name: str = "model") -> ModelShape:
     """From hyperparameters alone, every matrix in `weight_type` (norms and routers f32),
     with the memory plan's rule of what lives on the device (all but experts and the
     token embedding)."""
@@ -110,10 +110,10 @@ def shape_from_config(cfg: llada2.LLaDA2Config, weight_type: str = "bf16", name:
         raise ValueError(f"unknown weight type '{weight_type}' (choose from {', '.join(BYTES_PER_WEIGHT)})")
     bpw = BYTES_PER_WEIGHT[weight_type]
     moe = tuple(cfg.moe_layers)
-    expert_names = {llada2.expert_tensor_name(layer, p) for layer in moe for p in llada2.EXPERT_PROJECTIONS}
+    expert_names = {architecture.expert_tensor_name(layer, p) for layer in moe for p in architecture.EXPERT_PROJECTIONS}
     non_expert = 0
     layer_bytes = 0
-    for spec in llada2.tensor_specs(cfg):
+    for spec in architecture.tensor_specs(cfg):
         if spec.name in expert_names or spec.name == "token_embd.weight":
             continue
         n = 1
@@ -128,7 +128,7 @@ def shape_from_config(cfg: llada2.LLaDA2Config, weight_type: str = "bf16", name:
         name=name, moe_layers=moe, n_experts=cfg.n_experts, n_experts_used=cfg.n_experts_used,
         hidden_size=cfg.hidden_size, expert_ffn_dim=cfg.expert_ffn_dim, expert_bytes=expert_bytes,
         expert_type=weight_type, layer_bytes=layer_bytes, vocab_size=cfg.vocab_size, n_heads=cfg.n_heads,
-        head_dim=cfg.head_dim, block_length=llada2.DEFAULT_BLOCK_LENGTH, steps=llada2.DEFAULT_STEPS,
+        head_dim=cfg.head_dim, block_length=architecture.DEFAULT_BLOCK_LENGTH, steps=architecture.DEFAULT_STEPS,
         non_expert_bytes=non_expert, config=cfg)
     return shape
 
@@ -137,5 +137,5 @@ def preset_shape(preset: str, weight_type: str = "bf16") -> ModelShape:
     """LLaDA2.0-mini or -flash shaped ('mini', 'flash'), as the test checkpoints define them."""
     from tide_local.converters.testmodel import build_config
 
-    cfg = llada2.LLaDA2Config.from_hf(build_config(preset))
+    cfg = architecture.LLaDA2Config.from_hf(build_config(preset))
     return shape_from_config(cfg, weight_type, name=f"LLaDA2.0-{preset}-shaped ({weight_type})")

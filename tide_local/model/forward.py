@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tide_local import ggml
-from tide_local.llada2 import LLaDA2Config
+from tide_local.architecture import LLaDA2Config
 from tide_local.model.router import Routing, route
 from tide_local.model.weights import LayerWeights, Weights
 
