@@ -46,8 +46,8 @@ def record_trace(model: Path, new_tokens: int, threads: int, out: Path) -> Routi
         trace = eng.record_trace()
         t0 = time.perf_counter()
         res = eng.generate(ids, max_new_tokens=new_tokens)
-        print(f"recorded {len(trace.passes)} passes ({len(ids)} prompt tokens, {res.stats['blocks']} blocks, "
-              f"{res.stats['steps']} steps) in {time.perf_counter() - t0:.0f} s")
+        print(f"recorded {len(trace.passes)} passes ({len(ids)} prompt tokens, {res.stats.blocks} blocks, "
+              f"{res.stats.steps} steps) in {time.perf_counter() - t0:.0f} s")
         eng.stop_trace()
     trace.save(out)
     return trace

@@ -118,16 +118,17 @@ def timed_run(model, *, policy, slots, tau, lengths, popularity=None, threads=2,
         stats, tokens, wall = [], [], 0.0
         for ids in prompts(lengths):
             res = eng.generate(ids, max_new_tokens=max_new, stop_ids=[])
-            stats.append({k: v for k, v in res.stats.items() if k not in ("per_step", "per_layer")})
+            stats.append(res.stats)
             tokens.append(res.tokens)
-            wall += res.stats["wall_seconds"]
+            wall += res.stats.wall_seconds
         eng.stop_trace()
         return {"walls": np.asarray(walls), "trace": trace, "stats": stats, "tokens": tokens, "wall": wall,
                 "tau": eng.tau, "tau_source": eng.tau_source, "slots": dict(eng.plan.slots)}
 
 
-def sum_stats(stats: list[dict], key: str) -> float:
-    return float(sum(s.get(key, 0.0) or 0.0 for s in stats))
+def sum_stats(stats: list, key: str) -> float:
+    """The sum of an offload figure (`OffloadStats` attribute) over runs' GenerationStats."""
+    return float(sum(getattr(s.offload, key) or 0.0 for s in stats if s.offload is not None))
 
 
 def measured_vs_predicted(model, slots: int, lengths, repeats: int, threads: int) -> dict:
@@ -198,7 +199,7 @@ def measured_vs_predicted(model, slots: int, lengths, repeats: int, threads: int
 
         pred0 = per_round[0]["pred"]
         stats = first["stats"]
-        blocks_run = sum(len(st["steps_per_block"]) for st in stats)
+        blocks_run = sum(len(st.steps_per_block) for st in stats)
         row = {
             "placement": label, "policy": policy, "tau": first["tau"], "tau_source": first["tau_source"],
             "slots": first["slots"], "blocks": n_blocks, "steps_per_block": pred0.steps_per_block,

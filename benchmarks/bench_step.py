@@ -15,13 +15,17 @@ Measures, on the code path a user runs (``tide_local.load`` → ``Engine`` →
    experts, hidden 2048, random weights, q4_k_m), with 1 thread and all cores. The
    thread counts of a model are open at once and driven step by step in turn, so load
    from elsewhere on a shared machine falls on each alike.
-2. Where a step goes: the same steps again with timers (installed in this process only)
-   around the ggml compute call (``ggml_backend_graph_compute``), the host router,
-   tensor set/get (ctypes copies), the LM head and graph construction; everything
-   outside ggml compute is host time (Python graph driving, ctypes, routing, copies).
-   Then the step's op kinds one at a time over the model's own weights (routed experts
-   with each step's own routing, shared expert, attention projections and core, router,
-   dense FFN, LM head), and the weights a step reads.
+2. Where a step goes: the engine's own phase timer (``Engine.timer``, a
+   ``tide_local.model.timing.PhaseTimer``, reset before each timed step; nothing is
+   patched): ggml compute (the ``compute_*`` phases: ``Backend.compute`` of the layer,
+   expert and LM-head graphs), host routing (reading the router logits and choosing
+   experts), the embedding lookup and upload, the experts' inputs, the logits read-back,
+   and pass and LM-head graph construction; everything outside the compute phases is
+   host time. Tensor set/get (the ctypes copies) has no phase of its own and is no
+   longer a column: each copy is counted in the phase it serves (embedding, routing,
+   experts' inputs, logits). Then the step's op kinds one at a time over the model's own
+   weights (routed experts with each step's own routing, shared expert, attention
+   projections and core, router, dense FFN, LM head), and the weights a step reads.
 3. The block KV cache against full-window recompute: ``Engine.generate`` with
    ``kv_cache=True`` and ``kv_cache=False`` on the same prompt, alternated, default
    threshold, no stop ids so every run decodes all tokens; the report says whether the
@@ -43,7 +47,6 @@ import shutil
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +63,7 @@ from tide_local.bench.cpu import plain_token_range  # noqa: E402
 from tide_local.bench.ops import OP_KINDS, op_jobs  # noqa: E402
 from tide_local.engine import CachedBlockModel  # noqa: E402
 from tide_local.ggml.backend import usable_cores  # noqa: E402
-from tide_local.model import forward  # noqa: E402
+from tide_local.model.timing import COMPUTE_PHASES, PHASES  # noqa: E402
 from tide_local.progress import human_bytes, human_seconds  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -183,108 +186,19 @@ def preread(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# instrumentation
+# where a step's time goes: the engine's phase timer
 # ---------------------------------------------------------------------------------------
 
 
-class Probe:
-    """Accumulates time (seconds) per category while installed."""
-
-    KEYS = ("compute_layers", "compute_lm_head", "route", "set", "get", "get_lm_head",
-            "build_pass", "build_lm_head")
-
-    def __init__(self):
-        self.reset()
-        self.current = "compute_layers"
-        self.lm_graphs: set[int] = set()
-        self.lm_logits: set[int] = set()
-
-    def reset(self) -> None:
-        self.t = dict.fromkeys(self.KEYS, 0.0)
-        self.n = dict.fromkeys(self.KEYS, 0)
-
-    def add(self, key: str, dt: float) -> None:
-        self.t[key] += dt
-        self.n[key] += 1
-
-
-class _TimedLib:
-    """The ctypes library with a timer around ggml_backend_graph_compute (the ggml compute itself)."""
-
-    def __init__(self, lib, probe: Probe):
-        self._real, self._probe = lib, probe
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def ggml_backend_graph_compute(self, backend, graph):
-        t0 = time.perf_counter()
-        status = self._real.ggml_backend_graph_compute(backend, graph)
-        self._probe.add(self._probe.current, time.perf_counter() - t0)
-        return status
-
-
-@contextmanager
-def instrumented(engine, probe: Probe):
-    """Install timers in this process: ggml compute (per graph kind), the host router,
-    Tensor.set/get, pass and LM-head graph construction. Removed on exit."""
-    backend = engine.backend
-    Pass, Tensor = forward.Pass, ggml.Tensor
-    orig = {"route": forward.route, "set": Tensor.set, "get": Tensor.get,
-            "lm_head": Pass._lm_head, "init": Pass.__init__, "lib": backend._lib}
-    perf = time.perf_counter
-
-    def compute(graph, inputs=None):
-        probe.current = "compute_lm_head" if graph.ptr in probe.lm_graphs else "compute_layers"
-        return Backend_compute(backend, graph, inputs)
-
-    def route(*a, **k):
-        t0 = perf()
-        r = orig["route"](*a, **k)
-        probe.add("route", perf() - t0)
-        return r
-
-    def tset(self, *a, **k):
-        t0 = perf()
-        orig["set"](self, *a, **k)
-        probe.add("set", perf() - t0)
-
-    def tget(self, *a, **k):
-        t0 = perf()
-        r = orig["get"](self, *a, **k)
-        probe.add("get_lm_head" if self.ptr in probe.lm_logits else "get", perf() - t0)
-        return r
-
-    def lm_head(self, n_rows, bind=True):
-        miss = n_rows not in self._lm_heads
-        t0 = perf()
-        r = orig["lm_head"](self, n_rows, bind)
-        if miss:
-            probe.lm_graphs.add(r[0].ptr)
-            probe.lm_logits.add(r[2].ptr)
-            if bind:  # bind=False: the pass reserving its largest head, counted in build_pass
-                probe.add("build_lm_head", perf() - t0)
-        return r
-
-    def init(self, *a, **k):
-        t0 = perf()
-        orig["init"](self, *a, **k)
-        probe.add("build_pass", perf() - t0)
-
-    Backend_compute = type(backend).compute
-    backend.compute = compute
-    backend._lib = _TimedLib(orig["lib"], probe)
-    forward.route = route
-    Tensor.set, Tensor.get = tset, tget
-    Pass._lm_head, Pass.__init__ = lm_head, init
-    try:
-        yield probe
-    finally:
-        del backend.compute
-        backend._lib = orig["lib"]
-        forward.route = orig["route"]
-        Tensor.set, Tensor.get = orig["set"], orig["get"]
-        Pass._lm_head, Pass.__init__ = orig["lm_head"], orig["init"]
+def timed(eng, fn) -> tuple[float, dict[str, float], dict[str, int]]:
+    """Run fn() with the engine's PhaseTimer reset first: its wall seconds, then seconds and
+    calls per phase (``tide_local.model.timing``; nothing is patched)."""
+    timer = eng.timer
+    timer.reset()
+    t0 = time.perf_counter()
+    fn()
+    total = time.perf_counter() - t0
+    return total, dict(timer.seconds), dict(timer.calls)
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,7 +220,7 @@ def step_inputs(rng, engine, masked: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Run:
-    """One engine (one thread count) of a model, prefilled to `context`, with its probe."""
+    """One engine (one thread count) of a model, prefilled to `context`."""
 
     def __init__(self, path: Path, threads: int, context: int, seed: int):
         self.threads, self.context = threads, context
@@ -316,13 +230,11 @@ class _Run:
         t0 = time.perf_counter()
         self.bm.prefill(rng.integers(0, plain_token_range(self.eng), size=context).astype(np.int32))
         self.prefill_s = time.perf_counter() - t0
-        self.probe = Probe()
         self.times, self.parts, self.routings = [], [], []
 
-    def step(self, block, rows) -> float:
-        t0 = time.perf_counter()
-        self.bm.block_logits(block, self.context, rows)
-        return time.perf_counter() - t0
+    def step(self, block, rows) -> tuple[float, dict[str, float], dict[str, int]]:
+        """One step: its wall seconds and the engine's phase timer (seconds, calls) over it."""
+        return timed(self.eng, lambda: self.bm.block_logits(block, self.context, rows))
 
 
 def measure_steps(path: Path, threads: list[int], context: int, n_steps: int, seed: int = 0) -> list[dict]:
@@ -339,25 +251,21 @@ def measure_steps(path: Path, threads: list[int], context: int, n_steps: int, se
         inputs = [step_inputs(rng, eng0, m) for m in sched]
         # warm-up: builds the pass of (32 tokens, start=context) and an LM head per row count
         for r in runs:
-            with instrumented(r.eng, r.probe):
-                for block, rows in inputs:
-                    r.step(block, rows)
-            r.builds = {"pass_ms": 1e3 * r.probe.t["build_pass"] / max(1, r.probe.n["build_pass"]),
-                        "lm_head_ms": 1e3 * r.probe.t["build_lm_head"] / max(1, r.probe.n["build_lm_head"])}
+            r.eng.timer.reset()
+            for block, rows in inputs:
+                r.bm.block_logits(block, r.context, rows)
+            sec, calls = r.eng.timer.seconds, r.eng.timer.calls
+            r.builds = {"pass_ms": 1e3 * sec["build_pass"] / max(1, calls["build_pass"]),
+                        "lm_head_ms": 1e3 * sec["build_lm_head"] / max(1, calls["build_lm_head"])}
         order = lambda i: runs if i % 2 == 0 else runs[::-1]  # noqa: E731
-        # the timed steps, nothing installed
+        # the timed steps, each with the engine's phase timer; the routing each step chose
         for i, (block, rows) in enumerate(inputs):
             for r in order(i):
-                r.times.append(r.step(block, rows))
-        # the same steps with the timers in; the routing each step chose
-        for i, (block, rows) in enumerate(inputs):
-            for r in order(i):
-                with instrumented(r.eng, r.probe):
-                    r.probe.reset()
-                    total = r.step(block, rows)
-                p = r.probe
-                r.parts.append(dict(p.t, total=total, graphs=p.n["compute_layers"] + p.n["compute_lm_head"]))
-                r.routings.append({l: (x.experts.copy(), x.weights.copy()) for l, x in r.eng.model.pending_routing.items()})
+                total, sec, calls = r.step(block, rows)
+                r.times.append(total)
+                graphs = sum(calls.get(k, 0) for k in COMPUTE_PHASES)
+                r.parts.append({**{k: sec.get(k, 0.0) for k in PHASES}, "total": total, "graphs": graphs})
+                r.routings.append({l: (x.experts.copy(), x.weights.copy()) for l, x in r.eng.model.last_routing.items()})
         # where the compute goes: the same op jobs for every thread count, in turn
         n_rows = int(np.median(sched))
         jobs = [op_jobs(r.eng, context, n_rows, r.routings) for r in runs]
@@ -380,9 +288,9 @@ def measure_steps(path: Path, threads: list[int], context: int, n_steps: int, se
 def _summary(r: _Run, path: Path, cfg, sched, load, breakdown, distinct) -> dict:
     parts, times = r.parts, r.times
     mean = {k: 1e3 * float(np.mean([p[k] for p in parts])) for k in parts[0]}
-    compute = mean["compute_layers"] + mean["compute_lm_head"]
+    compute = sum(mean[k] for k in COMPUTE_PHASES)
     host = mean["total"] - compute
-    copies = mean["set"] + mean["get"]
+    experts_host = mean["experts"] - mean["compute_experts"]  # compute_experts runs inside experts
     per_layer = [float(np.mean(list(d.values()))) for d in distinct]
     touched = [r.eng.file.bytes_read_per_forward(d) for d in distinct]
     return {
@@ -390,11 +298,13 @@ def _summary(r: _Run, path: Path, cfg, sched, load, breakdown, distinct) -> dict
         "context": r.context, "masked_rows": sched, "prefill_s": r.prefill_s, "load_before": load,
         "ms_per_step": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times),
         "ms_steps": [1e3 * t for t in times],
-        "instrumented_ms": mean["total"], "compute_ms": compute, "compute_layers_ms": mean["compute_layers"],
+        "mean_ms": mean["total"], "phases_ms": {k: mean[k] for k in PHASES},
+        "compute_ms": compute, "compute_layers_ms": mean["compute_layers"],
         "host_ms": host, "host_share": host / mean["total"],
-        "route_ms": mean["route"], "copies_ms": copies, "lm_head_ms": mean["compute_lm_head"] + mean["get_lm_head"],
-        "lm_head_compute_ms": mean["compute_lm_head"], "lm_head_get_ms": mean["get_lm_head"],
-        "python_ms": host - mean["route"] - copies - mean["get_lm_head"],
+        "route_ms": mean["route"], "embed_ms": mean["embed"], "experts_host_ms": experts_host,
+        "lm_head_ms": mean["compute_lm_head"] + mean["logits"],
+        "lm_head_compute_ms": mean["compute_lm_head"], "lm_head_get_ms": mean["logits"],
+        "other_host_ms": host - mean["route"] - mean["embed"] - experts_host - mean["logits"],
         "graphs_per_step": parts[0]["graphs"],
         "build_pass_ms": r.builds["pass_ms"], "build_lm_head_ms": r.builds["lm_head_ms"],
         "experts_per_layer": float(np.mean(per_layer)), "experts_per_layer_steps": per_layer,
@@ -426,9 +336,9 @@ def kv_compare(path: Path, threads: int, prompt_len: int, new_tokens: int, repea
                 res = eng.generate(prompt, max_new_tokens=new_tokens, kv_cache=kv, stop_ids=[])
                 runs[kv].append(res.stats)
                 tokens[kv] = res.tokens
-                log(f"      {res.stats['wall_seconds']:.2f} s, {res.stats['steps']} steps")
+                log(f"      {res.stats.wall_seconds:.2f} s, {res.stats.steps} steps")
         defaults = dict(eng.defaults)
-    med = {kv: statistics.median(s["wall_seconds"] for s in runs[kv]) for kv in runs}
+    med = {kv: statistics.median(s.wall_seconds for s in runs[kv]) for kv in runs}
     first = runs[True][0]
     same = tokens[True] == tokens[False]
     diff = next((i for i, (a, b) in enumerate(zip(tokens[True], tokens[False])) if a != b), None)
@@ -436,13 +346,13 @@ def kv_compare(path: Path, threads: int, prompt_len: int, new_tokens: int, repea
         "file": str(path), "threads": threads, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
         "threshold": defaults["threshold"], "steps_per_block": defaults["steps"], "repeats": repeats,
         "cached_s": med[True], "uncached_s": med[False], "speedup": med[False] / med[True],
-        "pair_speedups": [u["wall_seconds"] / c["wall_seconds"] for c, u in zip(runs[True], runs[False])],
-        "cached_runs_s": [s["wall_seconds"] for s in runs[True]],
-        "uncached_runs_s": [s["wall_seconds"] for s in runs[False]],
-        "steps": first["steps"], "generated": len(tokens[True]),
-        "cached_forwarded_tokens": first["forwarded_tokens"], "uncached_forwarded_tokens": runs[False][0]["forwarded_tokens"],
-        "cached_ms_per_step": 1e3 * med[True] / first["steps"],
-        "uncached_ms_per_step": 1e3 * med[False] / first["steps"],
+        "pair_speedups": [u.wall_seconds / c.wall_seconds for c, u in zip(runs[True], runs[False])],
+        "cached_runs_s": [s.wall_seconds for s in runs[True]],
+        "uncached_runs_s": [s.wall_seconds for s in runs[False]],
+        "steps": first.steps, "generated": len(tokens[True]),
+        "cached_forwarded_tokens": first.forwarded_tokens, "uncached_forwarded_tokens": runs[False][0].forwarded_tokens,
+        "cached_ms_per_step": 1e3 * med[True] / first.steps,
+        "uncached_ms_per_step": 1e3 * med[False] / first.steps,
         "identical_tokens": same, "first_difference": diff, "load_before": load,
     }
 
@@ -502,9 +412,10 @@ def render(report: dict) -> str:
         "",
         "Median of the timed steps (masked rows spread over a block's schedule, "
         f"{report['steps'][0]['masked_rows'] if report['steps'] else ''}; the LM head runs on the masked rows), "
-        "graphs already built; the thread counts of a model run in one process, step by step in turn. *compute* is the time inside `ggml_backend_graph_compute`; *host* is the rest "
-        "of the step (Python graph driving, ctypes, tensor set/get, host routing), from the same steps run "
-        "again with timers in. *load*: the 1-minute load average before the measurement (the machine may be "
+        "graphs already built; the thread counts of a model run in one process, step by step in turn. *compute* is the "
+        "engine's compute phases (`Backend.compute` of the step's graphs: ggml compute and its call); *host* is the "
+        "rest of the step (Python graph driving, ctypes, tensor copies, host routing), from the engine's phase timer "
+        "over the same steps. *load*: the 1-minute load average before the measurement (the machine may be "
         "shared; with every core busy elsewhere the multi-thread numbers suffer most).",
         "",
         "| model | weights | threads | ms/step | min | ggml compute ms | host ms | host share | routing ms | LM head ms | load |",
@@ -519,17 +430,24 @@ def render(report: dict) -> str:
     out += [
         "",
         "Host time split, and graph construction (not in ms/step: a new block position builds a new pass, "
-        "and every new masked-row count builds an LM-head graph, which during generation is nearly every step):",
+        "and every new masked-row count builds an LM-head graph, which during generation is nearly every step). "
+        "Phases of the engine's timer: *routing* includes reading the router logits back; *experts' inputs* is the "
+        "experts executor's host work before a layer's graph (expert ids and weights; with offload also uploads and "
+        "waiting for the CPU share); *other host* is the step's time outside every phase (Python graph driving "
+        "between them); tensor set/get is no column of its own, each copy counts in the phase it serves. "
+        "*LM-head graph build* averages every LM-head graph built, the one a pass reserves included (that one is "
+        "in the pass build too):",
         "",
-        "| model | threads | graphs/step | routing ms | tensor set/get ms | other Python ms | LM head: compute / get ms | "
-        "pass build ms (per block) | LM-head graph build ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | threads | graphs/step | routing ms | embedding ms | experts' inputs ms | other host ms | "
+        "LM head: compute / logits read ms | pass build ms (per block) | LM-head graph build ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["steps"]:
         out.append(
             f"| {s['model']} {s['type']} | {s['threads']} | {s['graphs_per_step']} | {_f(s['route_ms'], 2)} | "
-            f"{_f(s['copies_ms'], 2)} | {_f(s['python_ms'], 2)} | {_f(s['lm_head_compute_ms'], 2)} / "
-            f"{_f(s['lm_head_get_ms'], 2)} | {_f(s['build_pass_ms'])} | {_f(s['build_lm_head_ms'], 2)} |"
+            f"{_f(s['embed_ms'], 2)} | {_f(s['experts_host_ms'], 2)} | {_f(s['other_host_ms'], 2)} | "
+            f"{_f(s['lm_head_compute_ms'], 2)} / {_f(s['lm_head_get_ms'], 2)} | {_f(s['build_pass_ms'])} | "
+            f"{_f(s['build_lm_head_ms'], 2)} |"
         )
     out += [
         "",

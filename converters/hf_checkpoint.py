@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tide_local.errors import CheckpointError, UnsupportedModelError
-from tide_local.architecture import HF_ARCHITECTURES, HF_MODEL_TYPES, LLaDA2Config, TensorSpec, hf_shape, tensor_specs
+from tide_local.architecture import HF_ARCHITECTURES, HF_MODEL_TYPES, LLaDA2Config, hf_shape, tensor_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -205,7 +205,3 @@ def _to_float32(raw: bytes, dtype: str) -> np.ndarray:
         return np.frombuffer(raw, dtype="<f2").astype(np.float32)
     # bf16 is the top half of a float32
     return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-
-
-def source_dtype(checkpoint: HFCheckpoint, spec: TensorSpec) -> str:
-    return checkpoint.tensors[spec.hf_names[0]].dtype

@@ -39,15 +39,17 @@ def _more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
+_DOWN_ROLES = ("ffn_down", "expert_down", "shared_down")  # dense, routed and shared experts
+
+
 def _mix_type(spec: TensorSpec, mix: str, base: T, n_layers: int) -> T:
     if mix not in ("q4_k_m", "q5_k_m"):
         return base
-    name = spec.name
-    if name == "output.weight":
+    if spec.role == "output":
         return T.Q6_K
-    if name.endswith("attn_qkv.weight"):
+    if spec.role == "attn_qkv":
         return T.Q5_K if mix == "q4_k_m" else T.Q6_K
-    if "ffn_down" in name and spec.layer is not None and _more_bits(spec.layer, n_layers):
+    if spec.role in _DOWN_ROLES and _more_bits(spec.layer, n_layers):
         return T.Q6_K
     return base
 

@@ -34,7 +34,6 @@ import functools
 import hashlib
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,12 +42,14 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from tide_local.units import parse_size
+
 __all__ = [
     "PRESETS",
     "SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
     "FAST_THRESHOLD_BYTES",
-    "TensorSpec",
+    "HFTensor",
     "build_config",
     "tensor_specs",
     "tensor_values",
@@ -225,8 +226,9 @@ def _validate(c: Mapping[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """One checkpoint tensor: HF name, shape ([out, in] for matrices), safetensors dtype
+class HFTensor:
+    """One tensor of the Hugging Face checkpoint (not a GGUF one: that is
+    ``architecture.TensorSpec``): HF name, shape ([out, in] for matrices), safetensors dtype
     ("BF16" or "F32"), and how its values are drawn (``kind``: "matrix", "embedding",
     "norm" or "bias"; matrices have std ``1/sqrt(shape[-1])``)."""
 
@@ -244,7 +246,7 @@ class TensorSpec:
         return self.numel * (4 if self.dtype == "F32" else 2)
 
 
-def tensor_specs(config: Mapping[str, Any], expert_bias_dtype: str = "bf16") -> list[TensorSpec]:
+def tensor_specs(config: Mapping[str, Any], expert_bias_dtype: str = "bf16") -> list[HFTensor]:
     """Every tensor of the checkpoint in file order (layer by layer, spec §2 order).
 
     Count: ``3 + 9·k + (L − k)·(6 + 2 + 3·E + 3)`` for k dense layers.
@@ -256,13 +258,13 @@ def tensor_specs(config: Mapping[str, Any], expert_bias_dtype: str = "bf16") -> 
     E = config["num_experts"]
     shared = m * config["num_shared_experts"]
 
-    def mat(name: str, shape: tuple[int, ...]) -> TensorSpec:
-        return TensorSpec(name, shape, "BF16", "matrix")
+    def mat(name: str, shape: tuple[int, ...]) -> HFTensor:
+        return HFTensor(name, shape, "BF16", "matrix")
 
-    def norm(name: str, size: int) -> TensorSpec:
-        return TensorSpec(name, (size,), "BF16", "norm")
+    def norm(name: str, size: int) -> HFTensor:
+        return HFTensor(name, (size,), "BF16", "norm")
 
-    specs = [TensorSpec("model.word_embeddings.weight", (V, H), "BF16", "embedding")]
+    specs = [HFTensor("model.word_embeddings.weight", (V, H), "BF16", "embedding")]
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         specs += [
@@ -282,7 +284,7 @@ def tensor_specs(config: Mapping[str, Any], expert_bias_dtype: str = "bf16") -> 
             continue
         specs += [
             mat(p + "mlp.gate.weight", (E, H)),
-            TensorSpec(p + "mlp.gate.expert_bias", (E,), bias_dtype, "bias"),
+            HFTensor(p + "mlp.gate.expert_bias", (E,), bias_dtype, "bias"),
         ]
         for e in range(E):
             specs += [
@@ -329,7 +331,7 @@ def _name_key(name: str) -> list[int]:
     return [value & 0xFFFFFFFF, value >> 32]
 
 
-def _scale(spec: TensorSpec) -> float:
+def _scale(spec: HFTensor) -> float:
     if spec.kind == "matrix":
         return 1.0 / math.sqrt(spec.shape[-1])
     if spec.kind == "embedding":
@@ -347,7 +349,7 @@ class _Values:
         self.fast = fast
         self._pools: dict[float, np.ndarray] = {}
 
-    def chunks(self, spec: TensorSpec) -> Iterator[np.ndarray]:
+    def chunks(self, spec: HFTensor) -> Iterator[np.ndarray]:
         """1-D float32 chunks that concatenate to the flattened tensor (row-major)."""
         if self._pooled(spec):
             for bits in self._pool_chunks(spec):
@@ -363,7 +365,7 @@ class _Values:
                 chunk += np.float32(1.0)
             yield chunk
 
-    def stored_chunks(self, spec: TensorSpec) -> Iterator[np.ndarray]:
+    def stored_chunks(self, spec: HFTensor) -> Iterator[np.ndarray]:
         """The tensor's bytes as stored: bf16 bit patterns (uint16) or float32 chunks."""
         if self._pooled(spec):
             yield from self._pool_chunks(spec)
@@ -373,10 +375,10 @@ class _Values:
             for chunk in self.chunks(spec):
                 yield _f32_to_bf16(chunk)
 
-    def _pooled(self, spec: TensorSpec) -> bool:
+    def _pooled(self, spec: HFTensor) -> bool:
         return self.fast and spec.dtype == "BF16" and spec.kind in ("matrix", "embedding")
 
-    def _pool_chunks(self, spec: TensorSpec) -> Iterator[np.ndarray]:
+    def _pool_chunks(self, spec: HFTensor) -> Iterator[np.ndarray]:
         """Windows (bf16 bits) of the pool for the tensor's scale, cyclic from a
         name-derived offset; slices of the pool, never copies."""
         scale = _scale(spec)
@@ -618,32 +620,12 @@ def _tokenizer_config(config: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 _SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
-_SIZE_UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "5GB" (10^9) or "512MiB" (2^20)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(size))
-        unit = match.group(2).upper() if match else None
-        if unit not in _SIZE_UNITS:
-            raise ValueError(f"cannot read size {size!r} (examples: 5GB, 500MB, 2GiB, 1048576)")
-        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
-    return value
-
-
-def _plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+def _plan_shards(specs: list[HFTensor], shard_size: int) -> list[list[HFTensor]]:
     """Greedy packing in file order, as transformers does: a tensor larger than a shard
     gets a shard of its own."""
-    shards: list[list[TensorSpec]] = [[]]
+    shards: list[list[HFTensor]] = [[]]
     used = 0
     for spec in specs:
         if shards[-1] and used + spec.nbytes > shard_size:
@@ -654,7 +636,7 @@ def _plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSp
     return shards
 
 
-def _header(specs: list[TensorSpec]) -> bytes:
+def _header(specs: list[HFTensor]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
@@ -669,7 +651,7 @@ def _header(specs: list[TensorSpec]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_shard(path: Path, specs: list[TensorSpec], values: _Values, on_bytes: Callable[[int], None]) -> None:
+def _write_shard(path: Path, specs: list[HFTensor], values: _Values, on_bytes: Callable[[int], None]) -> None:
     with open(path, "wb") as f:
         f.write(_header(specs))
         for spec in specs:
@@ -710,7 +692,7 @@ def make_checkpoint(
     out = Path(out_dir)
     cfg = build_config(preset, config)
     specs = tensor_specs(cfg, expert_bias_dtype)
-    limit = parse_size(shard_size)
+    limit = parse_size(shard_size, what="shard size")
     values = _Values(seed, _resolve_fast(fast, cfg, expert_bias_dtype))
     total = sum(s.nbytes for s in specs)
     shards = _plan_shards(specs, limit)

@@ -16,8 +16,9 @@ import tide_local
 from tide_local import cli
 from tide_local.demo import demo_model_path
 from tide_local.diffusion import BlockEvent, StepEvent
-from tide_local.tui.app import ChatApp, offload_text
+from tide_local.tui.app import ChatApp
 from tide_local.tui.commands import CommandError, GenerationSettings, message_text, parse_command
+from tide_local.tui.format import offload_text
 from tide_local.tui.live import MASK, LiveAnswer, TokenText, printable, render_answer, render_map
 from tide_local.tui.widgets import AssistantMessage, HelpScreen, LoadingView, Note, PromptInput, UserMessage
 
@@ -219,7 +220,7 @@ def test_set_threshold_changes_the_next_generation(engine):
         await say(pilot, "Hi")
         assert calls[-1]["threshold"] == 0.05
         assert app.messages[-1]["content"] == expected.text
-        assert app.last_stats["steps"] == expected.stats["steps"]
+        assert app.last_stats.steps == expected.stats.steps
         # other options, and back to the model's default
         for command in ("/set steps 8", "/set temperature 0.7", "/set top_k 5", "/set top-p 0.9", "/set seed 3",
                         "/set n 16", "/set threshold default"):
@@ -445,9 +446,15 @@ def test_slash_command_parsing_and_settings():
 
 
 def test_offload_text_needs_offload():
-    assert offload_text({"tokens_per_second": 1.0}, None) == ""
-    text = offload_text({"device": "CUDA0", "hit_rate": 0.75, "hits": 3, "misses": 1, "cpu_token_slots": 1,
-                         "upload_bytes": 2_500_000}, None)
+    from tide_local.results import GenerationStats, LayerOffload, OffloadStats
+
+    base = dict(prompt_tokens=4, tokens=8, blocks=1, steps=8, steps_per_block=(8,), seconds=1.0,
+                prefill_seconds=0.1, finish_reason="length")
+    assert offload_text(GenerationStats(**base), None) == ""
+    offload = OffloadStats(policy="tide", tau=4, tau_source="given", per_step=[], upload_seconds=0.0,
+                           cpu_expert_seconds=0.0, wait_seconds=0.0,
+                           per_layer={1: LayerOffload(hits=3, misses=1, uploads=2, upload_bytes=2_500_000)})
+    text = offload_text(GenerationStats(**base, device="CUDA0", offload=offload), None)
     assert text == "CUDA0 hits 75.0% · 2.5 MB uploaded · CPU 25.0% of experts"
 
 

@@ -102,17 +102,17 @@ def test_greedy_matches_reference(tiny, case):
     events = _events(WindowModel(tiny["ref"].logits_fn), prompt, options, mask_id=tiny["mask"], stop_ids=[tiny["eos"]])
     result = events[-1]
     assert result.tokens == expected
-    assert len(result.tokens) == max_new or (result.tokens[-1] == tiny["eos"] and result.stats["stopped"])
+    assert len(result.tokens) == max_new or (result.tokens[-1] == tiny["eos"] and result.stats.finish_reason == "stop")
 
     # step by step: the same positions, tokens and confidences
     steps_seen = [e for e in events if isinstance(e, StepEvent)]
-    assert len(steps_seen) == len(ref_stats.trace) == result.stats["steps"] == ref_stats.forwards
+    assert len(steps_seen) == len(ref_stats.trace) == result.stats.steps == ref_stats.forwards
     for ours, theirs in zip(steps_seen, ref_stats.trace):
         assert (ours.block_index, ours.step) == (theirs.block, theirs.step)
         assert (ours.committed + ours.start).tolist() == theirs.positions
         assert ours.canvas[ours.committed].tolist() == theirs.tokens
         np.testing.assert_allclose(ours.confidences, theirs.confidences, rtol=1e-5)
-    assert result.stats["steps_per_block"] == list(ref_stats.steps_per_block.values())
+    assert list(result.stats.steps_per_block) == list(ref_stats.steps_per_block.values())
     if threshold == 0.95 and steps == 32 and max_new >= 32:
         assert all(len(e.committed) == 1 for e in steps_seen)
     if threshold < 0.1:
@@ -124,7 +124,7 @@ def test_stop_id_matches_reference(tiny):
     options = DecodeOptions(max_new_tokens=90, threshold=0.03)
     model = WindowModel(tiny["ref"].logits_fn)
     free = decode(model, prompt, options, mask_id=tiny["mask"], stop_ids=[])
-    assert free.stats["blocks"] == 3
+    assert free.stats.blocks == 3
     # a token whose first occurrence lies in the second block
     first_seen = {}
     for i, t in enumerate(free.tokens):
@@ -138,7 +138,7 @@ def test_stop_id_matches_reference(tiny):
     result = decode(WindowModel(tiny["ref"].logits_fn), prompt, options, mask_id=tiny["mask"], stop_ids={stop, tiny["eos"]})
     assert result.tokens == expected == free.tokens[: stop_pos + 1]
     assert result.tokens[-1] == stop
-    assert result.stats["blocks"] == 2 and result.stats["stopped"]
+    assert result.stats.blocks == 2 and result.stats.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("filters", [dict(temperature=0.8, top_k=1), dict(temperature=1.0, top_p=1e-6)])
@@ -152,7 +152,7 @@ def test_degenerate_sampling_matches_reference(tiny, filters):
         mask_id=tiny["mask"], stop_ids=[tiny["eos"]],
     )
     assert result.tokens == expected
-    assert result.stats["steps_per_block"] == [1, 1]
+    assert result.stats.steps_per_block == (1, 1)
 
 
 def test_event_stream_on_reference_model(tiny):
@@ -221,7 +221,7 @@ def test_stop_at_known_position():
     result = decode(model, prompt, DecodeOptions(max_new_tokens=200, threshold=0.9), mask_id=MASK, stop_ids=[EOS])
     assert result.tokens[-1] == EOS and len(result.tokens) == 41
     assert EOS not in result.tokens[:-1]
-    assert result.stats["blocks"] == 2 and result.stats["stopped"]
+    assert result.stats.blocks == 2 and result.stats.finish_reason == "stop"
     starts = {c[2] for c in model.calls if c[0] == "logits"}
     assert starts == {0, 32}  # nothing forwarded after the block holding the stop id
     assert [c[2] for c in model.calls if c[0] == "commit"] == [0]  # the last block is not written to the cache
@@ -235,8 +235,8 @@ def test_first_of_several_stop_ids_wins():
     only_eos = decode(WindowModel(fn), prompt, DecodeOptions(max_new_tokens=100), mask_id=MASK, stop_ids=[EOS])
     assert len(only_eos.tokens) == 26 and only_eos.tokens[-1] == EOS and ROLE_END in only_eos.tokens
     no_stop = decode(WindowModel(fn), prompt, DecodeOptions(max_new_tokens=100), mask_id=MASK, stop_ids=())
-    assert len(no_stop.tokens) == 100 and not no_stop.stats["stopped"]
-    assert no_stop.stats["blocks"] == 4  # ceil(103 / 32)
+    assert len(no_stop.tokens) == 100 and no_stop.stats.finish_reason == "length"
+    assert no_stop.stats.blocks == 4  # ceil(103 / 32)
 
 
 def test_stop_id_past_max_new_tokens_is_cut():
@@ -247,13 +247,13 @@ def test_stop_id_past_max_new_tokens_is_cut():
         mask_id=MASK, stop_ids=[EOS],
     )
     assert len(result.tokens) == 20 and EOS not in result.tokens
-    assert not result.stats["stopped"]
+    assert result.stats.finish_reason == "length"
 
 
 def test_stop_id_in_prompt_tail_is_ignored():
     prompt = [4, EOS, 6]
     result = decode(WindowModel(table_logits()), prompt, DecodeOptions(max_new_tokens=50), mask_id=MASK, stop_ids=[EOS])
-    assert len(result.tokens) == 50 and result.stats["blocks"] == 2
+    assert len(result.tokens) == 50 and result.stats.blocks == 2
 
 
 def test_model_protocol_calls():
@@ -303,7 +303,7 @@ def _sampled(seed, **kw):
 
 def test_sampling_reproducible_by_seed():
     a, b, c = _sampled(11), _sampled(11), _sampled(12)
-    assert a.tokens == b.tokens and a.stats["steps_per_block"] == b.stats["steps_per_block"]
+    assert a.tokens == b.tokens and a.stats.steps_per_block == b.stats.steps_per_block
     assert a.tokens != c.tokens
     assert _sampled(11, top_k=20, top_p=0.8).tokens == _sampled(11, top_k=20, top_p=0.8).tokens
 
@@ -326,7 +326,7 @@ def test_filters_ignored_at_temperature_zero():
     filtered = decode(
         WindowModel(fn), [1, 2], DecodeOptions(max_new_tokens=40, top_k=3, top_p=0.2, seed=5), mask_id=MASK, stop_ids=[]
     )
-    assert plain.tokens == filtered.tokens and plain.stats["steps"] == filtered.stats["steps"]
+    assert plain.tokens == filtered.tokens and plain.stats.steps == filtered.stats.steps
 
 
 def test_greedy_confidence_is_softmax_of_argmax():
@@ -508,14 +508,14 @@ def _check_event_stream(model, prompt, options, mask_id):
 
     stats = result.stats
     n_steps = sum(isinstance(e, StepEvent) for e in events)
-    assert stats["steps"] == n_steps == sum(stats["steps_per_block"])
-    assert stats["blocks"] == len(blocks) == len(stats["steps_per_block"])
-    assert stats["steps_per_block"] == [b.steps for b in blocks]
-    assert stats["tokens"] == len(result.tokens) == options.max_new_tokens
-    assert stats["tokens_per_step"] == pytest.approx(stats["tokens"] / stats["steps"])
-    assert stats["tokens_per_second"] == pytest.approx(stats["tokens"] / stats["seconds"])
-    assert 0 <= stats["prefill_seconds"] <= stats["seconds"]
-    assert stats["prompt_tokens"] == P
+    assert stats.steps == n_steps == sum(stats.steps_per_block)
+    assert stats.blocks == len(blocks) == len(stats.steps_per_block)
+    assert list(stats.steps_per_block) == [b.steps for b in blocks]
+    assert stats.tokens == len(result.tokens) == options.max_new_tokens
+    assert stats.tokens_per_step == pytest.approx(stats.tokens / stats.steps)
+    assert stats.tokens_per_second == pytest.approx(stats.tokens / stats.seconds)
+    assert 0 <= stats.prefill_seconds <= stats.seconds
+    assert stats.prompt_tokens == P
     canvas = np.concatenate([b.tokens for b in blocks])
     assert result.tokens == canvas[P - blocks[0].start :][: options.max_new_tokens].tolist()
 

@@ -74,9 +74,9 @@ def test_greedy_tokens_match_reference(engine, reference, prompt_len, max_new, t
     assert cached.tokens == want
     assert uncached.tokens == want
     assert len(cached.tokens) <= max_new
-    assert cached.stats["forwarded_tokens"] < uncached.stats["forwarded_tokens"] or cached.stats["blocks"] == 1
+    assert cached.stats.forwarded_tokens < uncached.stats.forwarded_tokens or cached.stats.blocks == 1
     if threshold < 0.5:  # several commits per step: fewer steps than masked positions
-        assert cached.stats["steps"] < cached.stats["blocks"] * 32 - prompt_len % 32
+        assert cached.stats.steps < cached.stats.blocks * 32 - prompt_len % 32
 
 
 def test_stop_ids_end_the_output(engine):
@@ -86,9 +86,9 @@ def test_stop_ids_end_the_output(engine):
     first = free.tokens.index(stop)
     res = engine.generate(ids, max_new_tokens=96, threshold=0.05, stop_ids=[stop])
     assert res.tokens == free.tokens[: first + 1]
-    assert res.stats["stopped"]
+    assert res.stats.finish_reason == "stop"
     # decoding stopped after the block holding the stop id
-    assert res.stats["blocks"] == (20 + first) // 32 - 20 // 32 + 1
+    assert res.stats.blocks == (20 + first) // 32 - 20 // 32 + 1
 
 
 def test_sampling_reproducible_by_seed(engine):
@@ -102,7 +102,7 @@ def test_sampling_reproducible_by_seed(engine):
 def test_string_prompt_and_text(engine):
     res = engine.generate("The quick brown fox", max_new_tokens=16)
     assert isinstance(res, GenerationResult) and isinstance(res.text, str)
-    assert res.stats["prompt_tokens"] == len(engine.tokenizer.encode("The quick brown fox"))
+    assert res.stats.prompt_tokens == len(engine.tokenizer.encode("The quick brown fox"))
     # ids past the tokenizer (padded vocabulary rows) are kept in tokens, skipped in text
     assert res.text == engine.tokenizer.decode(res.tokens)
 
@@ -113,7 +113,7 @@ def test_chat_renders_template_and_stops_at_role_end(engine):
     assert text.startswith("<role>SYSTEM</role>Be brief.") and text.endswith("<role>ASSISTANT</role>")
     assert engine.chat_stop_ids() == [engine.eos_id, engine.role_end_id]
     res = engine.chat(messages, max_new_tokens=32)
-    assert res.stats["prompt_tokens"] == len(engine.tokenizer.encode(text))
+    assert res.stats.prompt_tokens == len(engine.tokenizer.encode(text))
     for stop in engine.chat_stop_ids():
         if stop in res.tokens:
             assert res.tokens.index(stop) == len(res.tokens) - 1 or engine.eos_id in res.tokens
@@ -124,7 +124,7 @@ def test_stream_events(engine):
     assert isinstance(events[-1], GenerationResult)
     steps = [e for e in events if isinstance(e, StepEvent)]
     blocks = [e for e in events if isinstance(e, BlockEvent)]
-    assert len(steps) == events[-1].stats["steps"] and len(blocks) == events[-1].stats["blocks"]
+    assert len(steps) == events[-1].stats.steps and len(blocks) == events[-1].stats.blocks
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def test_streamed_text_is_the_engines_chat_answer(model, engine, capsys):
     assert out == expected.text + "\n"
     lines = err.strip().splitlines()
     assert len(lines) == 1 and SUMMARY.match(lines[0]), err
-    assert lines[0].startswith(f"{expected.stats['tokens']} tokens,")
+    assert lines[0].startswith(f"{expected.stats.tokens} tokens,")
 
 
 def test_raw_streamed_text_is_the_engines_generate(model, engine, capsys):
@@ -109,7 +109,8 @@ def test_json_output(model, engine, capsys):
     assert all(isinstance(t, int) for t in d["tokens"])
     assert len(d["tokens"]) == d["stats"]["tokens"] <= 8
     assert d["text"] == engine.tokenizer.decode(d["tokens"])
-    for key in ("tokens_per_second", "tokens_per_step", "steps_per_block", "seconds", "prompt_tokens"):
+    assert d["stats"]["finish_reason"] in ("stop", "length")
+    for key in ("tokens_per_second", "tokens_per_step", "steps_per_block", "seconds", "prompt_tokens", "wall_seconds"):
         assert key in d["stats"]
 
 
@@ -229,10 +230,11 @@ def test_streamer_holds_back_partial_characters(engine):
     n_prompt, B = 3, 4
     canvas = [1] * n_prompt + ids
     canvas += [0] * (-len(canvas) % B)
-    streamer = _Streamer(engine.tokenizer, n_prompt, len(ids), [], out)
+    streamer = _Streamer(engine.tokenizer, out)
     for start in range(0, len(canvas), B):
         if start + B > n_prompt:
-            streamer.block(BlockEvent(start // B, start, np.array(canvas[start:start + B]), 1))
+            answer = np.array(canvas[max(start, n_prompt):min(start + B, n_prompt + len(ids))])
+            streamer.block(BlockEvent(start // B, start, np.array(canvas[start:start + B]), 1, answer))
     streamer.finish(engine.tokenizer.decode(ids))
     assert out.getvalue() == engine.tokenizer.decode(ids) + "\n"
     assert not any("\ufffd" in w for w in writes)

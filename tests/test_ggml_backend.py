@@ -13,6 +13,8 @@ import threading
 import numpy as np
 import pytest
 
+from ggml_test_ops import OpsBackend, OpsContext, wrap_device_host_memory
+
 from tide_local import ggml
 from tide_local.ggml import GGMLType as T
 
@@ -25,7 +27,7 @@ def randn(*shape):
 
 @pytest.fixture(scope="module")
 def cpu():
-    backend = ggml.Backend.cpu(n_threads=2)
+    backend = OpsBackend.cpu(n_threads=2)
     yield backend
     backend.free()
 
@@ -162,14 +164,14 @@ def test_graph_reuse_with_new_inputs(cpu):
 
 def test_graph_allocator_reserve_and_shared(cpu):
     alloc = ggml.GraphAllocator(cpu)
-    ctx = ggml.Context(16)
+    ctx = OpsContext(16)
     x = ctx.new_tensor(T.F32, shape=(64, 32), input=True)
     big = ctx.build_graph(ctx.scale(ctx.add(x, x), 2.0))
     alloc.reserve(big)
     size = alloc.size
     assert size >= 64 * 32 * 4
     graph = ctx.build_graph(ctx.scale(x, 3.0))
-    graph.allocate(alloc)
+    alloc.alloc(graph)
     assert alloc.size == size  # fits in the reserved buffer
     xv = randn(64, 32)
     cpu.compute(graph, {x: xv})
@@ -261,7 +263,7 @@ def test_wrap_rejects_misaligned():
 def test_device_wrap_host_memory_on_cpu_device(cpu):
     host = ggml.aligned_empty((4, 8), np.float32)
     host[...] = randn(4, 8)
-    buf = cpu.device.wrap_host_memory(host)
+    buf = wrap_device_host_memory(cpu.device, host)
     ctx = ggml.Context(4)
     t = ctx.new_tensor(T.F32, shape=(4, 8))
     buf.place(t, 0)
@@ -299,7 +301,7 @@ def test_two_cpu_backends_compute_concurrently_from_threads():
     for be in backends:
         ctx, w, x, y, graph = _matmul_graph()
         wv, xv = randn(96, 128), randn(32, 128)
-        graph.allocate(be)
+        ggml.GraphAllocator(be).alloc(graph)
         jobs.append((be, graph, {w: wv, x: xv}, y, xv @ wv.T))
     errors = []
 
@@ -390,7 +392,7 @@ def test_persistent_kv_cache_written_by_set_rows(cpu):
     buf = cpu.alloc_tensors(cache_ctx)
     buf.clear(0)
 
-    ctx = ggml.Context(8)
+    ctx = OpsContext(8)
     k = ctx.new_tensor(T.F32, ne=(d, 2), name="k", input=True)
     rows = ctx.new_tensor(T.I64, ne=(2,), name="rows", input=True)
     write = ctx.build_graph(ctx.set_rows(cache, k, rows))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ggml_test_ops import OpsContext
+
 from tide_local import ggml
 from tide_local.ggml import GGMLType as T
 
@@ -24,7 +26,7 @@ def randn(*shape, scale=1.0):
 
 def run(backend, build, inputs):
     """inputs: name -> (ggml type, numpy array); build(ctx, tensors) -> output tensor(s)."""
-    ctx = ggml.Context(256)
+    ctx = OpsContext(256)
     ts = {}
     feed = {}
     for name, (dtype, arr) in inputs.items():
@@ -391,7 +393,7 @@ def test_shape_errors_raise_instead_of_abort():
 
 
 def test_tensor_metadata():
-    c = ggml.Context(8)
+    c = OpsContext(8)
     t = c.new_tensor(T.Q8_0, shape=(3, 64), name="w")
     assert t.ne == (64, 3, 1, 1) and t.shape == (3, 64) and t.ndim == 2
     assert t.type == T.Q8_0 and t.type_name == "q8_0" and t.name == "w"

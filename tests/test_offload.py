@@ -44,29 +44,29 @@ def test_every_policy_gives_the_resident_tokens(model_path, reference_tokens, po
         res = eng.generate(PROMPT, **GEN)
         assert res.tokens == reference_tokens
         cfg = eng.config
-        s = res.stats
+        s = res.stats.offload
         n_moe = cfg.n_layers - cfg.n_dense_layers
         # every assignment is either a hit or a miss
-        total_tokens = sum(p["tokens"] for p in s["per_step"])
-        assert s["hits"] + s["misses"] == total_tokens * cfg.n_experts_used * n_moe
+        total_tokens = sum(p["tokens"] for p in s.per_step)
+        assert s.hits + s.misses == total_tokens * cfg.n_experts_used * n_moe
         if policy == "cpu":
-            assert s["hits"] == 0 and s["uploads"] == 0
+            assert s.hits == 0 and s.uploads == 0
         else:
-            assert 0 < s["hit_rate"] < 1
+            assert 0 < s.hit_rate < 1
         # slots never exceed the plan; bytes uploaded = uploads x one expert's slices
         for layer, layer_slots in eng.offload.slots.items():
             assert layer_slots.n_slots == eng.plan.slots[layer] == slots
             assert len(layer_slots.resident()) <= slots
-        assert s["upload_bytes"] == s["uploads"] * eng.plan.expert_bytes
+        assert s.upload_bytes == s.uploads * eng.plan.expert_bytes
         # refreshes happen exactly where the policy says
         if policy in ("tide", "swap"):
             every = tau or 1
-            for entry in s["per_step"]:
+            for entry in s.per_step:
                 uploads = sum(u for _, _, u in entry["layers"].values())
                 if entry["step"] % every:
                     assert uploads == 0, entry
         if policy == "static":
-            assert s["uploads"] == 0
+            assert s.uploads == 0
 
 
 def test_tide_refreshes_less_than_swap(model_path):
@@ -75,7 +75,7 @@ def test_tide_refreshes_less_than_swap(model_path):
         with tide_local.load(model_path, device="emulated", policy=policy, tau=tau or "auto", expert_slots=6,
                              n_ctx=N_CTX, threads=2) as eng:
             stats[policy] = eng.generate(PROMPT, **GEN).stats
-    assert stats["tide"]["uploads"] < stats["swap"]["uploads"]
+    assert stats["tide"].offload.uploads < stats["swap"].offload.uploads
 
 
 def test_memory_plan(model_path):
@@ -202,8 +202,8 @@ def test_replaying_a_trace_reproduces_the_engine_counts(model_path, policy, slot
         res = eng.generate(PROMPT, **GEN)
         eng.stop_trace()
     replayed = replay(trace, policy, slots, tau=tau or 4)
-    assert len(replayed.passes) == len(res.stats["per_step"])
-    for ran, rep in zip(res.stats["per_step"], replayed.passes):
+    assert len(replayed.passes) == len(res.stats.offload.per_step)
+    for ran, rep in zip(res.stats.offload.per_step, replayed.passes):
         assert (ran["start"], ran["step"], ran["tokens"]) == (rep["start"], rep["step"], rep["tokens"])
         assert ran["layers"] == rep["layers"]
     kinds = [p["kind"] for p in replayed.passes]
@@ -218,4 +218,4 @@ def test_deep_model_with_offload_builds_its_graphs(tmp_path):
     convert(ckpt, path, "q8_0", progress=False)
     with tide_local.load(path, device="emulated", policy="tide", expert_slots=4, n_ctx=N_CTX, threads=2) as eng:
         res = eng.generate(PROMPT[:20], max_new_tokens=8)
-        assert len(res.tokens) == 8 and 0 < res.stats["hit_rate"] < 1
+        assert len(res.tokens) == 8 and 0 < res.stats.offload.hit_rate < 1

@@ -165,10 +165,10 @@ def test_replayed_counts_are_the_engine_statistics(model_path, policy, slots, ta
         tau = eng.tau or 1
     counts = replay_counts(trace, policy, slots, tau=tau)
     assert counts.as_replay() == [{**p, "kind": p["kind"]} for p in replay(trace, policy, slots, tau=tau).passes]
-    engine = [(p["start"], p["step"], p["tokens"], p["layers"]) for p in stats["per_step"]]
+    engine = [(p["start"], p["step"], p["tokens"], p["layers"]) for p in stats.offload.per_step]
     assert engine == [(p["start"], p["step"], p["tokens"], p["layers"]) for p in counts.as_replay()]
-    assert stats["hits"] == counts.hits.sum() and stats["misses"] == counts.misses.sum()
-    assert stats["cpu_token_slots"] == counts.misses.sum() and stats["uploads"] == counts.uploads.sum()
+    assert stats.offload.hits == counts.hits.sum() and stats.offload.misses == counts.misses.sum()
+    assert stats.offload.misses == counts.misses.sum() and stats.offload.uploads == counts.uploads.sum()
 
 
 def test_planned_per_layer_slots_run_in_the_engine_and_are_counted_exactly(model_path, recorded_trace, shape,
@@ -193,12 +193,12 @@ def test_planned_per_layer_slots_run_in_the_engine_and_are_counted_exactly(model
         trace = eng.record_trace()
         stats = eng.generate(PROMPT, **GEN).stats
         eng.stop_trace()
-        assert stats["tau_source"].startswith("plan ")
+        assert stats.offload.tau_source.startswith("plan ")
         for layer, n in slots.items():
             assert eng.offload.slots[layer].n_slots == n
     counts = replay_counts(trace, "tide", slots, tau=plan["tau"])
-    assert [p["layers"] for p in stats["per_step"]] == [p["layers"] for p in counts.as_replay()]
-    assert (stats["hits"], stats["cpu_token_slots"], stats["uploads"]) == \
+    assert [p["layers"] for p in stats.offload.per_step] == [p["layers"] for p in counts.as_replay()]
+    assert (stats.offload.hits, stats.offload.misses, stats.offload.uploads) == \
         (counts.hits.sum(), counts.misses.sum(), counts.uploads.sum())
 
 
@@ -207,7 +207,7 @@ def test_engine_without_a_plan_uses_the_default_and_says_why(model_path, shape):
 
     with tide_local.load(model_path, device="emulated", policy="tide", expert_slots=4, n_ctx=N_CTX, threads=2) as eng:
         assert eng.tau == 4 and "no profile for device 'emulated'" in eng.tau_source
-        assert eng.generate(PROMPT, max_new_tokens=8, threshold=0.05).stats["tau_source"] == eng.tau_source
+        assert eng.generate(PROMPT, max_new_tokens=8, threshold=0.05).stats.offload.tau_source == eng.tau_source
     write_profile(default_profile_path("emulated"), shape, toy_costs())
     with tide_local.load(model_path, device="emulated", policy="tide", expert_slots=4, n_ctx=N_CTX, threads=2) as eng:
         assert eng.tau == 4 and "no cached plan" in eng.tau_source and "tide plan" in eng.tau_source

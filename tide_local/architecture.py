@@ -183,6 +183,46 @@ CONSTANT_ARCH_METADATA = {
 }
 
 
+# GGUF tensor names by role (llama.cpp's bailingmoe2 names): the model-wide tensors, and
+# those of layer i under ``blk.{i}.``. Which layer has which is `tensor_specs`'s business.
+MODEL_TENSORS = {
+    "token_embd": "token_embd.weight",
+    "output_norm": "output_norm.weight",
+    "output": "output.weight",
+}
+LAYER_TENSORS = {
+    "attn_norm": "attn_norm.weight",
+    "attn_qkv": "attn_qkv.weight",
+    "attn_q_norm": "attn_q_norm.weight",
+    "attn_k_norm": "attn_k_norm.weight",
+    "attn_output": "attn_output.weight",
+    "ffn_norm": "ffn_norm.weight",
+    # dense layers
+    "ffn_gate": "ffn_gate.weight",
+    "ffn_up": "ffn_up.weight",
+    "ffn_down": "ffn_down.weight",
+    # MoE layers: router, its expert bias, routed expert stacks, shared experts
+    "router": "ffn_gate_inp.weight",
+    "expert_bias": "exp_probs_b.bias",
+    **{f"expert_{p}": f"ffn_{p}_exps.weight" for p in EXPERT_PROJECTIONS},
+    **{f"shared_{p}": f"ffn_{p}_shexp.weight" for p in EXPERT_PROJECTIONS},
+}
+
+# Tensors a forward reads only in part: the embedding table (the rows of the step's tokens)
+# and the routed expert stacks (the chosen experts). The engine leaves them in the mapped
+# file, and puts everything else on the device.
+PARTLY_READ_ROLES = frozenset({"token_embd", *(f"expert_{p}" for p in EXPERT_PROJECTIONS)})
+
+
+def tensor_name(role: str, layer: int | None = None) -> str:
+    """The GGUF name of a model-wide tensor (`layer` None) or of one of layer `layer`."""
+    return MODEL_TENSORS[role] if layer is None else f"blk.{layer}.{LAYER_TENSORS[role]}"
+
+
+def expert_tensor_name(layer: int, projection: str) -> str:
+    return tensor_name(f"expert_{projection}", layer)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One GGUF tensor of the model: its name, ggml shape and where it comes from."""
@@ -192,10 +232,15 @@ class TensorSpec:
     hf_names: tuple[str, ...]  # one source, or one per expert (stacked expert-major)
     layer: int | None = None
     always_f32: bool = False  # norms, router, expert bias
+    role: str = ""  # key of MODEL_TENSORS (layer None) or LAYER_TENSORS
 
     @property
     def is_expert_stack(self) -> bool:
         return len(self.ne) == 3
+
+    @property
+    def read_in_part(self) -> bool:
+        return self.role in PARTLY_READ_ROLES
 
     @property
     def n_per_row(self) -> int:
@@ -206,46 +251,46 @@ class TensorSpec:
         return math.prod(self.ne[1:])
 
 
-def expert_tensor_name(layer: int, projection: str) -> str:
-    return f"blk.{layer}.ffn_{projection}_exps.weight"
-
-
 def tensor_specs(cfg: LLaDA2Config) -> list[TensorSpec]:
     """Every tensor of the GGUF, in file order, with its Hugging Face source(s)."""
     H, V = cfg.hidden_size, cfg.vocab_size
-    specs = [TensorSpec("token_embd.weight", (H, V), ("model.word_embeddings.weight",))]
+
+    def model_wide(role, ne, source, f32=False):
+        return TensorSpec(tensor_name(role), ne, (source,), always_f32=f32, role=role)
+
+    specs = [model_wide("token_embd", (H, V), "model.word_embeddings.weight")]
     for i in range(cfg.n_layers):
-        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        hf = f"model.layers.{i}."
 
-        def add(name, ne, source, f32=False):
-            specs.append(TensorSpec(blk + name, ne, (hf + source,), layer=i, always_f32=f32))
+        def add(role, ne, source, f32=False):
+            sources = source if isinstance(source, tuple) else (hf + source,)
+            specs.append(TensorSpec(tensor_name(role, i), ne, sources, layer=i, always_f32=f32, role=role))
 
-        add("attn_norm.weight", (H,), "input_layernorm.weight", True)
-        add("attn_qkv.weight", (H, cfg.qkv_dim), "attention.query_key_value.weight")
-        add("attn_q_norm.weight", (cfg.head_dim,), "attention.query_layernorm.weight", True)
-        add("attn_k_norm.weight", (cfg.head_dim,), "attention.key_layernorm.weight", True)
-        add("attn_output.weight", (cfg.n_heads * cfg.head_dim, H), "attention.dense.weight")
-        add("ffn_norm.weight", (H,), "post_attention_layernorm.weight", True)
+        add("attn_norm", (H,), "input_layernorm.weight", True)
+        add("attn_qkv", (H, cfg.qkv_dim), "attention.query_key_value.weight")
+        add("attn_q_norm", (cfg.head_dim,), "attention.query_layernorm.weight", True)
+        add("attn_k_norm", (cfg.head_dim,), "attention.key_layernorm.weight", True)
+        add("attn_output", (cfg.n_heads * cfg.head_dim, H), "attention.dense.weight")
+        add("ffn_norm", (H,), "post_attention_layernorm.weight", True)
         if not cfg.is_moe_layer(i):
             F = cfg.ffn_dim
-            add("ffn_gate.weight", (H, F), "mlp.gate_proj.weight")
-            add("ffn_up.weight", (H, F), "mlp.up_proj.weight")
-            add("ffn_down.weight", (F, H), "mlp.down_proj.weight")
+            add("ffn_gate", (H, F), "mlp.gate_proj.weight")
+            add("ffn_up", (H, F), "mlp.up_proj.weight")
+            add("ffn_down", (F, H), "mlp.down_proj.weight")
             continue
         E, M = cfg.n_experts, cfg.expert_ffn_dim
-        add("ffn_gate_inp.weight", (H, E), "mlp.gate.weight", True)
-        add("exp_probs_b.bias", (E,), "mlp.gate.expert_bias", True)
+        add("router", (H, E), "mlp.gate.weight", True)
+        add("expert_bias", (E,), "mlp.gate.expert_bias", True)
         for proj in EXPERT_PROJECTIONS:
             ne = (M, H, E) if proj == "down" else (H, M, E)
-            sources = tuple(f"{hf}mlp.experts.{e}.{proj}_proj.weight" for e in range(E))
-            specs.append(TensorSpec(expert_tensor_name(i, proj), ne, sources, layer=i))
+            add(f"expert_{proj}", ne, tuple(f"{hf}mlp.experts.{e}.{proj}_proj.weight" for e in range(E)))
         if cfg.n_shared_experts:
             S = cfg.expert_ffn_dim * cfg.n_shared_experts
-            add("ffn_gate_shexp.weight", (H, S), "mlp.shared_experts.gate_proj.weight")
-            add("ffn_up_shexp.weight", (H, S), "mlp.shared_experts.up_proj.weight")
-            add("ffn_down_shexp.weight", (S, H), "mlp.shared_experts.down_proj.weight")
-    specs.append(TensorSpec("output_norm.weight", (H,), ("model.norm.weight",), always_f32=True))
-    specs.append(TensorSpec("output.weight", (H, V), ("lm_head.weight",)))
+            add("shared_gate", (H, S), "mlp.shared_experts.gate_proj.weight")
+            add("shared_up", (H, S), "mlp.shared_experts.up_proj.weight")
+            add("shared_down", (S, H), "mlp.shared_experts.down_proj.weight")
+    specs.append(model_wide("output_norm", (H,), "model.norm.weight", True))
+    specs.append(model_wide("output", (H, V), "lm_head.weight"))
     return specs
 
 

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("tide_local.planner.profile", "measure upload, CPU and device expert costs on this machine"),
     "plan": ("tide_local.planner.plan", "choose TIDE's refresh interval and per-layer expert slots for a budget"),
     "bench": ("tide_local.bench.cli", "time a denoising step on the CPU: bandwidth floor, llama.cpp, tokens/s"),
-    "chat": ("tide_local.tui.app", "chat in the terminal, watching each block denoise"),
+    "chat": ("tide_local.tui.cli", "chat in the terminal, watching each block denoise"),
 }
 
 USAGE = """usage: tide COMMAND [options]

@@ -1,40 +1,38 @@
 """The public engine: load a GGUF, then logits / generate / stream / chat.
 
     import tide_local
-    eng = tide_local.load("model.gguf")
+    eng = tide_local.load("model.gguf", device="auto", gpu_memory="6GiB")
     res = eng.generate("The capital of France is", max_new_tokens=64)
-    print(res.text, res.stats["tokens_per_second"])
+    print(res.text, res.stats.tokens_per_second)
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from tide_local import ggml
-from tide_local.errors import DeviceError, TideError
-from tide_local.experts.memory import BudgetError, MemoryPlan, budget_for_slots, parse_memory, plan_memory
-from tide_local.experts.offload import ExpertOffload
-from tide_local.experts.policies import POLICIES, make_policy
-from tide_local.experts.trace import RoutingTrace
 from tide_local.diffusion import BlockEvent, DecodeOptions, DecodeResult, StepEvent, WindowModel, iter_decode
+from tide_local.diffusion.options import option_default, option_specs
+from tide_local.errors import BudgetError, ContextError, DeviceError
+from tide_local.experts.memory import MemoryPlan, budget_for_slots, parse_memory, plan_memory
+from tide_local.experts.offload import HybridExperts
+from tide_local.experts.policies import DEFAULT_TAU, POLICIES, make_policy
+from tide_local.experts.trace import RoutingTrace
 from tide_local.model.forward import LLaDA2Model
+from tide_local.model.timing import PhaseTimer
+from tide_local.model.weights import Weights
 from tide_local.modelfile import ModelFile
+from tide_local.results import GenerationResult, GenerationStats
 from tide_local.tokenizer import Tokenizer
 
 # Attention scores of one prefill chunk stay under this many bytes.
 PREFILL_SCORE_BYTES = 1 << 28
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    text: str
-    stats: dict = field(default_factory=dict)
+DEFAULT_CONTEXT = 4096
 
 
 class CachedBlockModel:
@@ -69,10 +67,6 @@ class CachedBlockModel:
         self._forward(block, start)
 
 
-DEFAULT_TAU = 4  # until the planner chooses it ("auto")
-DEFAULT_CONTEXT = 4096
-
-
 def _resolve_device(device: str, threads: int):
     """(device backend or None for CPU-only, a label)."""
     if device == "cpu":
@@ -93,10 +87,41 @@ def _resolve_device(device: str, threads: int):
     return backend, backend.name
 
 
+def _decoding_keywords(func):
+    """Give `func(self, prompt, *, ..., **options)` the decoding options as real keyword
+    parameters in its signature and docstring, from the one table (DecodeOptions' fields),
+    so that help() and IDEs show them and nothing spells them out again here."""
+    specs = option_specs()
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    for name, spec in specs.items():
+        annotation = f"{spec.kind.__name__} | None"
+        default = option_default(name) if not spec.model_default else None
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    func.__signature__ = sig.replace(parameters=params)
+    lines = [f"    {name}: {spec.help}" + (" [the model's default when None]" if spec.model_default else "")
+             for name, spec in specs.items()]
+    func.__doc__ = (func.__doc__ or "") + "\n\n    Decoding options:\n" + "\n".join(lines) + "\n"
+    return func
+
+
 class Engine:
-    def __init__(self, path: str | os.PathLike, *, device: str = "auto", gpu_memory=None, policy: str = "tide",
-                 tau="auto", threads: int | None = None, n_ctx: int | None = None, expert_slots: int | None = None,
-                 popularity: dict[int, np.ndarray] | None = None):
+    """A loaded LLaDA2 model: its file, tokenizer, forward and (with a device) expert offload.
+
+    Make one with :func:`tide_local.load`. ``generate`` decodes a prompt, ``stream`` yields
+    the steps and blocks as they happen, ``chat`` renders messages with the model's chat
+    template, ``logits`` runs one plain forward. Close it (or use ``with``) to release the
+    device and the mapped file.
+
+    Attributes users read: ``config`` (the model's hyperparameters), ``tokenizer``,
+    ``device`` (its name, or "cpu"), ``n_ctx`` (the context the KV cache is planned for),
+    ``plan`` (the device memory plan, None on the CPU), ``policy``, ``tau`` and ``tau_source``
+    (why that tau), ``offload`` (the hybrid experts executor, None on the CPU), ``defaults``
+    (the model's decoding defaults)."""
+
+    def __init__(self, path: str | os.PathLike, *, device: str = "auto", gpu_memory: str | int | None = None,
+                 policy: str = "tide", tau: int | str = "auto", threads: int | None = None, n_ctx: int | None = None,
+                 expert_slots: int | None = None, popularity: dict[int, np.ndarray] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy '{policy}' (choose from {', '.join(POLICIES)})")
         self.file = ModelFile(path)
@@ -111,27 +136,30 @@ class Engine:
         device_backend, self.device = _resolve_device(device, threads)
         self.cpu_backend = ggml.Backend.cpu(threads if device_backend is None else max(1, threads - threads // 2))
         self.plan: MemoryPlan | None = None
-        self.policy_name = "cpu-only" if device_backend is None else policy
+        self.policy = "cpu-only" if device_backend is None else policy
         self.tau = self.tau_source = None
+        self.offload: HybridExperts | None = None
+        self.timer = PhaseTimer()
         if device_backend is None:
             self.backend = self.cpu_backend
-            self.model = LLaDA2Model(self.file, self.backend, self.defaults["block_length"])
+            weights = Weights(self.file, None)
         else:
             self.backend = device_backend
             if expert_slots is not None:  # a budget stated as slots per layer (studies, benchmarks)
                 gpu_memory = budget_for_slots(self.file, expert_slots, self.n_ctx)
             self.plan = self._plan(device_backend, gpu_memory, policy)
             if policy == "tide" and tau == "auto":  # the cached plan of `tide plan`, else DEFAULT_TAU (and why)
-                from tide_local.planner.plan import auto_placement
+                from tide_local.planner.lookup import auto_placement
 
                 auto = auto_placement(self.file, self.plan, self.device, DEFAULT_TAU)
                 self.tau, self.plan, self.tau_source = auto.tau, auto.plan, auto.source
             elif policy == "tide":
                 self.tau, self.tau_source = int(tau), "given"
-            self.model = LLaDA2Model(self.file, device_backend, self.defaults["block_length"], on_device=True)
-            self.model.offload = ExpertOffload(self.file, self.model.weights, device_backend, self.cpu_backend,
-                                               self.plan, make_policy(policy, self.tau or 1, popularity))
-        self.model.max_positions = self.n_ctx
+            weights = Weights(self.file, device_backend)
+            self.offload = HybridExperts(self.file, weights, device_backend, self.cpu_backend, self.plan,
+                                         make_policy(policy, self.tau or DEFAULT_TAU, popularity))
+        self.model = LLaDA2Model(self.file, weights, self.backend, block_length=self.defaults["block_length"],
+                                 experts=self.offload, max_positions=self.n_ctx, timer=self.timer)
 
     def _plan(self, device_backend, gpu_memory, policy: str) -> MemoryPlan:
         if gpu_memory is None:
@@ -155,10 +183,6 @@ class Engine:
         return backend.device.memory() if backend.device is not None else (0, 0)
 
     @property
-    def offload(self) -> ExpertOffload | None:
-        return self.model.offload
-
-    @property
     def threads(self) -> int:
         return self.backend.n_threads
 
@@ -177,104 +201,116 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
         return arr.astype(np.int32)
 
-    def _options(self, options: dict) -> DecodeOptions:
-        merged = {"threshold": self.defaults["threshold"], "steps": self.defaults["steps"],
-                  "block_length": self.defaults["block_length"]}
-        merged.update({k: v for k, v in options.items() if v is not None or k in ("top_k", "top_p", "seed")})
-        try:
-            opts = DecodeOptions(**merged)
-        except TypeError as err:
-            raise TypeError(f"unknown generation option: {err}") from None
-        opts.validate()
+    def decode_options(self, **options) -> DecodeOptions:
+        """The decoding options a call with these keywords uses: the given ones (None: not
+        given) over the model's defaults, validated (TypeError for an unknown name,
+        ValueError for a bad value)."""
+        opts = DecodeOptions.build(options, self.defaults)
         if opts.block_length != self.model.block_length:
             raise ValueError(f"block_length must be {self.model.block_length} for this model (it was trained so)")
         return opts
 
-    def _check_context(self, n_prompt: int, opts: DecodeOptions) -> None:
-        B = opts.block_length
-        needed = -(-(n_prompt + opts.max_new_tokens) // B) * B
-        if needed > self.config.context_length:
-            raise ValueError(
-                f"a prompt of {n_prompt} tokens plus {opts.max_new_tokens} new tokens needs {needed} positions "
-                f"(whole blocks of {B}); the model's context is {self.config.context_length}"
-            )
+    def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
+        """The one context check, made before any work: prompt + answer, in whole blocks, must
+        fit the context this engine was loaded with (n_ctx). Raises ContextError naming the fix."""
+        B = self.model.block_length
+        needed = -(-(n_prompt + max_new_tokens) // B) * B
+        if needed <= self.n_ctx:
+            return
+        if needed <= self.config.context_length:
+            fix = (f"load with a larger context (n_ctx={needed} in Python, --ctx {needed} on the command line; "
+                   f"the model takes up to {self.config.context_length})")
+        else:
+            fix = f"shorten the prompt or ask for fewer tokens (the model's context is {self.config.context_length})"
+        raise ContextError(f"a prompt of {n_prompt} tokens plus {max_new_tokens} new tokens needs {needed} positions "
+                           f"(whole blocks of {B}) but the context is {self.n_ctx}: {fix}")
 
     # -- the API -----------------------------------------------------------------------------
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 [len(ids), vocab]: one full forward at positions 0..n-1, block-causal, no cache."""
+        """float32 [len(ids), vocab]: one full forward of token ids at positions 0..n-1 with the
+        block-causal mask, no cache. Raises ContextError past the context."""
         arr = self._ids(ids)
-        if len(arr) > self.config.context_length:
-            raise ValueError(f"{len(arr)} tokens exceed the model's context of {self.config.context_length}")
+        if len(arr) > self.n_ctx:
+            self.check_context(len(arr), 0)
         return self.model.forward(arr, 0, rows=np.arange(len(arr)))
 
-    def stream(self, prompt, *, kv_cache: bool = True, stop_ids: Sequence[int] | None = None,
-               **options) -> Iterator[StepEvent | BlockEvent | GenerationResult]:
-        """Events as decoding goes: a StepEvent per denoising step, a BlockEvent per finished
-        block, and the GenerationResult last."""
+    @_decoding_keywords
+    def stream(self, prompt: str | Sequence[int], *, kv_cache: bool = True, stop_ids: Sequence[int] | None = None,
+               cancel=None, **options) -> Iterator[StepEvent | BlockEvent | GenerationResult]:
+        """Decode `prompt` (a string used as is, or token ids), yielding as decoding goes: a
+        StepEvent per denoising step, a BlockEvent per finished block (its ``answer`` holds the
+        answer's new tokens), and the GenerationResult last.
+
+        The request is checked before the first event (ValueError / ContextError).
+        kv_cache: False recomputes the whole window at every step (slow, same tokens: a check).
+        stop_ids: ids that end the answer (default: end-of-text).
+        cancel: a threading.Event; once set, decoding ends before the next step with the
+          finished blocks and ``finish_reason`` "cancelled"."""
         ids = self._ids(prompt)
-        opts = self._options(options)
-        self._check_context(len(ids), opts)
+        opts = self.decode_options(**options)
+        self.check_context(len(ids), opts.max_new_tokens)
+        return self._stream(ids, opts, kv_cache, [self.eos_id] if stop_ids is None else list(stop_ids), cancel)
+
+    def _stream(self, ids, opts: DecodeOptions, kv_cache: bool, stops: list[int], cancel):
         if kv_cache:
             block_model = CachedBlockModel(self.model, opts.block_length)
         else:
             block_model = WindowModel(lambda toks, rows: self.model.forward(toks, 0, rows=rows), opts.block_length)
-        stops = [self.eos_id] if stop_ids is None else list(stop_ids)
         if self.offload is not None:
             self.offload.reset_stats()
-        self.model.compute_seconds = 0.0
+        self.timer.reset()
         start = time.perf_counter()
-        for event in iter_decode(block_model, ids, opts, mask_id=self.mask_id, stop_ids=stops):
+        for event in iter_decode(block_model, ids, opts, mask_id=self.mask_id, stop_ids=stops, cancel=cancel):
             if isinstance(event, DecodeResult):
-                stats = dict(event.stats)
-                stats["forwards"] = block_model.forwards
-                stats["forwarded_tokens"] = block_model.forwarded_tokens
-                stats["wall_seconds"] = time.perf_counter() - start
-                stats["kv_cache"] = kv_cache
-                stats.update(self._offload_stats(stats["wall_seconds"]))
+                stats = self._stats(event, block_model, kv_cache, time.perf_counter() - start)
                 yield GenerationResult(event.tokens, self.tokenizer.decode(event.tokens), stats)
             else:
                 yield event
 
-    def _offload_stats(self, wall: float) -> dict:
-        out = {"device": self.device, "policy": self.policy_name, "device_compute_seconds": self.model.compute_seconds}
-        if self.offload is None:
-            out["host_seconds"] = wall - self.model.compute_seconds
-            return out
-        totals = self.offload.stats.totals()
-        out.update(totals)
-        out["tau"] = self.tau
-        out["tau_source"] = self.tau_source
-        out["host_seconds"] = wall - self.model.compute_seconds - totals["wait_seconds"] - totals["upload_seconds"]
-        out["per_layer"] = {layer: vars(s).copy() for layer, s in self.offload.stats.layers.items()}
-        out["per_step"] = self.offload.step_log
-        return out
+    def _stats(self, result: DecodeResult, block_model, kv_cache: bool, wall: float) -> GenerationStats:
+        compute = self.timer.compute_seconds
+        offload = self.offload.report(self.tau, self.tau_source) if self.offload is not None else None
+        moved = offload.wait_seconds + offload.upload_seconds if offload is not None else 0.0
+        return GenerationStats(**vars(result.stats), wall_seconds=wall, forwards=block_model.forwards,
+                               forwarded_tokens=block_model.forwarded_tokens, kv_cache=kv_cache, device=self.device,
+                               device_compute_seconds=compute, host_seconds=wall - compute - moved, offload=offload)
 
-    def record_trace(self) -> RoutingTrace:
-        """Start recording the routing of every pass (for the planner and `static`); returns the trace."""
-        cfg = self.config
-        self.model.trace = RoutingTrace(self.file.path.name, cfg.n_experts, cfg.n_experts_used, list(cfg.moe_layers))
-        return self.model.trace
-
-    def stop_trace(self) -> RoutingTrace | None:
-        trace, self.model.trace = self.model.trace, None
-        return trace
-
-    def generate(self, prompt, **options) -> GenerationResult:
-        """Decode `prompt` (token ids used as is, or a string used as is: no chat template)."""
+    @_decoding_keywords
+    def generate(self, prompt: str | Sequence[int], *, kv_cache: bool = True, stop_ids: Sequence[int] | None = None,
+                 cancel=None, **options) -> GenerationResult:
+        """Decode `prompt` (a string used as is, no chat template; or token ids) and return the
+        GenerationResult: tokens, text, stats (see `stream` for the other arguments)."""
         result = None
-        for event in self.stream(prompt, **options):
+        for event in self.stream(prompt, kv_cache=kv_cache, stop_ids=stop_ids, cancel=cancel, **options):
             result = event
         return result
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template, ready for the answer."""
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
     def chat_stop_ids(self) -> list[int]:
         return [self.eos_id] + ([self.role_end_id] if self.role_end_id is not None else [])
 
-    def chat(self, messages: list[dict], **options) -> GenerationResult:
-        """Render `messages` with the model's chat template and answer; stops at EOS or <|role_end|>."""
-        return self.generate(self.chat_prompt(messages), stop_ids=self.chat_stop_ids(), **options)
+    @_decoding_keywords
+    def chat(self, messages: list[dict], *, kv_cache: bool = True, cancel=None, **options) -> GenerationResult:
+        """Render `messages` ([{"role": "system"|"user"|"assistant", "content": ...}]) with the
+        model's chat template and answer; stops at end-of-text or <|role_end|>."""
+        return self.generate(self.chat_prompt(messages), kv_cache=kv_cache, stop_ids=self.chat_stop_ids(),
+                             cancel=cancel, **options)
+
+    # -- routing traces ------------------------------------------------------------------------
+    def record_trace(self) -> RoutingTrace:
+        """Start recording the routing of every pass (for the planner and `static`); returns the trace."""
+        cfg = self.config
+        trace = RoutingTrace(self.file.path.name, cfg.n_experts, cfg.n_experts_used, list(cfg.moe_layers))
+        self.model.observe_routing(trace)
+        return trace
+
+    def stop_trace(self) -> RoutingTrace | None:
+        trace = self.model.routing_observer
+        self.model.observe_routing(None)
+        return trace
 
     def close(self) -> None:
         if self.offload is not None:
@@ -288,15 +324,23 @@ class Engine:
         self.close()
 
 
-def load(path: str | os.PathLike, device: str = "auto", gpu_memory=None, policy: str = "tide", tau="auto",
-         threads: int | None = None, **options) -> Engine:
-    """Open a LLaDA2 GGUF (written by `tide convert`) for generation.
+def load(path: str | os.PathLike, *, device: str = "auto", gpu_memory: str | int | None = None, policy: str = "tide",
+         tau: int | str = "auto", threads: int | None = None, n_ctx: int | None = None,
+         expert_slots: int | None = None, popularity: dict[int, np.ndarray] | None = None) -> Engine:
+    """Open a LLaDA2 GGUF (written by `tide convert`) for generation; returns an Engine.
 
     device: "auto" (an accelerator of the loaded libggml if any, else the CPU), "cpu",
       "emulated" (a second CPU backend standing in for an accelerator: a test and study
       tool with the same slot accounting and counted transfers), or a device name.
     gpu_memory: the device budget ("6GiB", "6000MiB" or bytes; None: free memory minus a reserve).
     policy: tide | swap | static | lru | cpu | resident (see tide_local.experts.policies).
-    tau: TIDE's refresh interval in steps ("auto": the planner's choice; 4 until then).
+    tau: TIDE's refresh interval in steps ("auto": the plan cached by `tide plan`; 4 until then).
+    threads: CPU threads (default: all cores).
+    n_ctx: the context to plan the KV cache and device memory for (default: 4096, or the
+      model's if smaller); a longer prompt + answer raises ContextError.
+    expert_slots: the device budget stated as expert slots per MoE layer (studies, benchmarks).
+    popularity: per MoE layer, routed counts per expert (RoutingTrace.popularity()): the
+      experts the static policy keeps.
     """
-    return Engine(path, device=device, gpu_memory=gpu_memory, policy=policy, tau=tau, threads=threads, **options)
+    return Engine(path, device=device, gpu_memory=gpu_memory, policy=policy, tau=tau, threads=threads, n_ctx=n_ctx,
+                  expert_slots=expert_slots, popularity=popularity)

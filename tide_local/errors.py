@@ -50,8 +50,9 @@ class UsageError(TideError):
     """A bad command-line option or combination of options."""
 
 
-class ContextError(TideError):
-    """A prompt plus the tokens asked for does not fit the context the engine was loaded with."""
+class ContextError(TideError, ValueError):
+    """A prompt plus the tokens asked for does not fit the context the engine was loaded with
+    (a ValueError too: it is a bad argument of the call)."""
 
 
 class BudgetError(TideError):

@@ -36,33 +36,11 @@ NO_MODEL = (
     "GGUF with `tide convert`), or try --demo for a tiny random model"
 )
 
-# Option names of the decoder as the user types them.
-_FLAGS = {
-    "max_new_tokens": "-n/--max-new-tokens",
-    "threshold": "--threshold",
-    "steps": "--steps",
-    "temperature": "--temperature",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "seed": "--seed",
-}
+def add_decoding_arguments(group, *, max_new_tokens: int) -> None:
+    """The decoder's options (from DecodeOptions' table), shared by `tide generate` and `tide chat`."""
+    from tide_local.diffusion.options import add_decoding_arguments as add
 
-
-def add_decoding_arguments(group) -> None:
-    """The decoder's options, shared by `tide generate` and `tide chat` (None: the model's default)."""
-    group.add_argument("--threshold", type=float, default=None, metavar="T",
-                       help="commit every masked token whose confidence is above T in (0, 1] in one step; "
-                       "lower is faster, 1 is one token per step (default: the model's; 0.95 for LLaDA2.0)")
-    group.add_argument("--steps", type=int, default=None, metavar="S",
-                       help="denoising steps per block at most (default: the model's; 32 for LLaDA2.0)")
-    group.add_argument("--temperature", type=float, default=None, metavar="T",
-                       help="sampling temperature; 0 is greedy (default: 0)")
-    group.add_argument("--top-k", type=int, default=None, metavar="K",
-                       help="sample among the K most likely tokens (with --temperature > 0)")
-    group.add_argument("--top-p", type=float, default=None, metavar="P",
-                       help="sample within the smallest set of tokens of probability >= P (with --temperature > 0)")
-    group.add_argument("--seed", type=int, default=None, metavar="S",
-                       help="seed of the sampler, for repeatable sampling (default: fresh each run)")
+    add(group, max_new_tokens=max_new_tokens)
 
 
 def add_offload_arguments(group) -> None:
@@ -110,9 +88,7 @@ def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
     src.add_argument("--system", metavar="TEXT", help="a system message placed before the prompt (chat template only)")
 
     dec = p.add_argument_group("decoding")
-    dec.add_argument("-n", "--max-new-tokens", type=int, default=256, metavar="N",
-                     help="generate at most N tokens (default: 256)")
-    add_decoding_arguments(dec)
+    add_decoding_arguments(dec, max_new_tokens=256)
 
     run = p.add_argument_group("output and execution")
     run.add_argument("--json", action="store_true",
@@ -138,18 +114,24 @@ def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
     return p
 
 
-def _check_options(args) -> dict:
-    """The decoder options given on the command line, checked before any model is loaded."""
-    from tide_local.diffusion import DecodeOptions
+def decoding_options(args) -> dict:
+    """The decoder options given on the command line (None: not given), checked before any
+    model is loaded; a bad one is a UsageError naming its flag."""
+    from tide_local.diffusion import DecodeOptions, OptionValueError, option_specs
+    from tide_local.diffusion.options import flag_of
 
-    options = {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold, "steps": args.steps,
-               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    options = {name: getattr(args, name) for name, spec in option_specs().items() if spec.flag is not None}
     try:
-        DecodeOptions(**{k: v for k, v in options.items() if v is not None}).validate()
-    except ValueError as err:
+        DecodeOptions.build(options)
+    except OptionValueError as err:
         message = str(err)
-        name = message.split(" ", 1)[0]
-        raise UsageError(_FLAGS.get(name, name) + message[len(name):]) from None
+        raise UsageError(flag_of(err.name) + message[len(err.name):]) from None
+    return options
+
+
+def _check_options(args) -> dict:
+    """The decoder options given on the command line and the other checks made before loading."""
+    options = decoding_options(args)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if args.raw and args.system is not None:
@@ -208,26 +190,13 @@ class _Streamer:
     writes only what is new. Trailing U+FFFD (bytes of a character whose remaining bytes
     are in later tokens) are held back until the character is complete."""
 
-    def __init__(self, tokenizer, n_prompt: int, max_new: int, stop_ids, out):
-        self.tokenizer, self.n_prompt, self.max_new = tokenizer, n_prompt, max_new
-        self.stops = set(int(s) for s in stop_ids)
-        self.out = out
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
         self.ids: list[int] = []
         self.printed = ""
-        self.done = False
 
     def block(self, event) -> None:
-        if self.done:
-            return
-        skip = max(0, self.n_prompt - int(event.start))
-        for t in event.tokens[skip:]:
-            if len(self.ids) >= self.max_new:
-                self.done = True
-                break
-            self.ids.append(int(t))
-            if int(t) in self.stops:
-                self.done = True
-                break
+        self.ids.extend(int(t) for t in event.answer)
         self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
 
     def finish(self, text: str) -> None:
@@ -248,27 +217,23 @@ class _Streamer:
             self.printed = text
 
 
-def summary_line(stats: dict) -> str:
-    per_block = stats.get("steps_per_block") or []
-    avg = sum(per_block) / len(per_block) if per_block else 0.0
-    return (
-        f"{stats['tokens']} tokens, {stats['tokens_per_second']:.1f} tokens/s, {avg:.1f} steps/block, "
-        f"{stats['tokens_per_step']:.2f} tokens/step, {stats['seconds']:.2f} s"
-    )
+def finish_text(stats) -> str:
+    """Why generation stopped, in words."""
+    return {"stop": "end of turn/text", "length": f"-n {stats.tokens} reached"}.get(stats.finish_reason,
+                                                                                   stats.finish_reason)
 
 
-def stats_line(stats: dict, max_new: int, threads: int) -> str:
-    if stats.get("stopped"):
-        why = "end of turn/text"
-    elif stats["tokens"] >= max_new:
-        why = f"-n {max_new} reached"
-    else:
-        why = "context end"
+def summary_line(stats) -> str:
+    return (f"{stats.tokens} tokens, {stats.tokens_per_second:.1f} tokens/s, {stats.mean_steps_per_block:.1f} "
+            f"steps/block, {stats.tokens_per_step:.2f} tokens/step, {stats.seconds:.2f} s")
+
+
+def stats_line(stats, threads: int) -> str:
     return (
-        f"prompt {stats['prompt_tokens']} tokens, {stats['blocks']} blocks, {stats['steps']} steps "
-        f"(per block {stats['steps_per_block']}), {stats.get('forwards', '?')} forwards, "
-        f"prefill {stats['prefill_seconds']:.2f} s, wall {stats.get('wall_seconds', stats['seconds']):.2f} s, "
-        f"kv cache {'on' if stats.get('kv_cache', True) else 'off'}, threads {threads}; stopped: {why}"
+        f"prompt {stats.prompt_tokens} tokens, {stats.blocks} blocks, {stats.steps} steps "
+        f"(per block {list(stats.steps_per_block)}), {stats.forwards} forwards, "
+        f"prefill {stats.prefill_seconds:.2f} s, wall {stats.wall_seconds:.2f} s, "
+        f"kv cache {'on' if stats.kv_cache else 'off'}, threads {threads}; stopped: {finish_text(stats)}"
     )
 
 
@@ -287,9 +252,7 @@ def _run(args) -> int:
 
     import tide_local
     from tide_local.diffusion import BlockEvent
-    from tide_local.engine import GenerationResult
-
-    from tide_local.errors import TideError
+    from tide_local.results import GenerationResult
 
     popularity = None
     if args.static_from:
@@ -318,7 +281,7 @@ def _run(args) -> int:
     threads = eng.threads
 
     out = sys.stdout
-    streamer = None if args.json else _Streamer(eng.tokenizer, len(ids), args.max_new_tokens, stops, out)
+    streamer = None if args.json else _Streamer(eng.tokenizer, out)
     result = None
     try:
         for event in chain([first], events):
@@ -327,7 +290,8 @@ def _run(args) -> int:
             elif streamer is not None and isinstance(event, BlockEvent):
                 streamer.block(event)
         if args.json:
-            print(json.dumps({"tokens": result.tokens, "text": result.text, "stats": result.stats}, ensure_ascii=False))
+            print(json.dumps({"tokens": result.tokens, "text": result.text, "stats": result.stats.to_dict()},
+                             ensure_ascii=False))
             out.flush()
         else:
             streamer.finish(result.text)
@@ -349,8 +313,8 @@ def _run(args) -> int:
     if not args.json:
         print(summary_line(result.stats), file=sys.stderr)
     if args.stats:
-        print(stats_line(result.stats, args.max_new_tokens, threads), file=sys.stderr)
-        if "per_layer" in result.stats:
+        print(stats_line(result.stats, threads), file=sys.stderr)
+        if result.stats.offload is not None:
             print(offload_table(result.stats), file=sys.stderr)
     if args.trace:
         eng.stop_trace().save(args.trace)
@@ -359,19 +323,16 @@ def _run(args) -> int:
     return 0
 
 
-def offload_table(stats: dict) -> str:
+def offload_table(stats) -> str:
     """Per MoE layer hits, misses and uploads, then totals and where the time went."""
-    lines = [f"expert offload: device {stats['device']}, policy {stats['policy']}"
-             + (f", tau {stats['tau']}" if stats.get("tau") else ""),
+    o = stats.offload
+    lines = [f"expert offload: device {stats.device}, policy {o.policy}" + (f", tau {o.tau}" if o.tau else ""),
              f"  {'layer':>5} {'hits':>8} {'misses':>8} {'hit rate':>8} {'uploads':>8} {'MB up':>8}"]
-    for layer, s in sorted(stats["per_layer"].items(), key=lambda kv: int(kv[0])):
-        total = s["hits"] + s["misses"]
-        lines.append(f"  {layer:>5} {s['hits']:>8} {s['misses']:>8} {s['hits'] / max(1, total):>8.2f} "
-                     f"{s['uploads']:>8} {s['upload_bytes'] / 1e6:>8.1f}")
-    lines.append(f"  {'all':>5} {stats['hits']:>8} {stats['misses']:>8} {stats['hit_rate']:>8.2f} "
-                 f"{stats['uploads']:>8} {stats['upload_bytes'] / 1e6:>8.1f}")
+    rows = sorted(o.per_layer.items()) + [("all", o)]
+    for layer, s in rows:
+        lines.append(f"  {layer:>5} {s.hits:>8} {s.misses:>8} {s.hit_rate:>8.2f} {s.uploads:>8} "
+                     f"{s.upload_bytes / 1e6:>8.1f}")
     lines.append(
-        f"  time: device compute {stats['device_compute_seconds']:.2f} s, CPU experts {stats['cpu_expert_seconds']:.2f} s "
-        f"(waited {stats['wait_seconds']:.2f} s), uploads {stats['upload_seconds']:.2f} s, "
-        f"host/Python {stats['host_seconds']:.2f} s")
+        f"  time: device compute {stats.device_compute_seconds:.2f} s, CPU experts {o.cpu_expert_seconds:.2f} s "
+        f"(waited {o.wait_seconds:.2f} s), uploads {o.upload_seconds:.2f} s, host/Python {stats.host_seconds:.2f} s")
     return "\n".join(lines)

@@ -8,119 +8,28 @@ steps are coalesced and a slow step never freezes the screen.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Footer, Header
 
 from .commands import Command, CommandError, GenerationSettings, message_text, parse_command
+from .format import (describe_error, live_text, load_stage_text, offload_text, placement_text, speed_text,
+                     stats_text, turn_footer)
 from .live import LiveAnswer, Snapshot, TokenText
+from .messages import AnswerEnded, Loaded, LoadFailed, LoadStage, Progress, Turn
 from .widgets import (AssistantMessage, Conversation, HelpScreen, LoadingView, Note, PromptInput, StatusLine,
                       UserMessage)
 
 FRAME_SECONDS = 1 / 30  # the live canvas is redrawn at most this often
 SHUTDOWN_WAIT_SECONDS = 30  # at exit, how long to wait for the step being computed before closing the model
-
-
-# -- messages from the workers -------------------------------------------------------------------
-class LoadStage(Message):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-
-class Loaded(Message):
-    def __init__(self, engine, path: str, seconds: float) -> None:
-        super().__init__()
-        self.engine, self.path, self.seconds = engine, path, seconds
-
-
-class LoadFailed(Message):
-    def __init__(self, error: BaseException) -> None:
-        super().__init__()
-        self.error = error
-
-
-@dataclass(eq=False)
-class Turn:
-    """One answer being generated."""
-
-    messages: list[dict]  # what the model reads: system prompt and conversation, the new user turn last
-    options: dict  # decoder options for Engine.stream
-    widget: AssistantMessage
-    user_text: str
-    stop: threading.Event = field(default_factory=threading.Event)
-    live: LiveAnswer | None = None
-    wake_pending: bool = False  # a Progress message is on its way to the UI
-    draw_scheduled: bool = False
-    last_draw: float = 0.0
-
-
-class Progress(Message):
-    def __init__(self, turn: Turn) -> None:
-        super().__init__()
-        self.turn = turn
-
-
-class AnswerEnded(Message):
-    """The worker is done with a turn: a result, a stop, or an error."""
-
-    def __init__(self, turn: Turn, result=None, error: BaseException | None = None) -> None:
-        super().__init__()
-        self.turn, self.result, self.error = turn, result, error
-
-
-# -- formatting ------------------------------------------------------------------------------------
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def speed_text(stats: dict) -> str:
-    per_block = stats.get("steps_per_block") or []
-    steps_per_block = sum(per_block) / len(per_block) if per_block else 0.0
-    return (f"{stats.get('tokens_per_second', 0.0):.1f} tokens/s · {steps_per_block:.1f} steps/block · "
-            f"{stats.get('tokens_per_step', 0.0):.2f} tokens/step")
-
-
-def offload_text(stats: dict, plan) -> str:
-    """Hit rate, upload volume, the CPU's share of the routed expert work and the device
-    memory in use; empty without offload."""
-    if "hit_rate" not in stats:
-        return ""
-    slots = stats.get("hits", 0) + stats.get("misses", 0)
-    cpu_share = stats.get("cpu_token_slots", stats.get("misses", 0)) / slots if slots else 0.0
-    parts = [f"{stats['device']} hits {stats['hit_rate'] * 100:.1f}%", f"{_mb(stats.get('upload_bytes', 0))} uploaded",
-             f"CPU {cpu_share * 100:.1f}% of experts"]
-    if plan is not None:
-        parts.append(f"device memory {plan.total_bytes / 2**20:.0f} MiB")
-    return " · ".join(parts)
-
-
-def turn_footer(stats: dict) -> str:
-    per_block = stats.get("steps_per_block") or []
-    steps_per_block = sum(per_block) / len(per_block) if per_block else 0.0
-    end = "" if stats.get("stopped") else " · hit max_new_tokens" if stats.get("limit_reached") else ""
-    return (f"{stats['tokens']} tokens · {stats['tokens_per_second']:.1f} tok/s · {steps_per_block:.1f} steps/block · "
-            f"{stats['tokens_per_step']:.2f} tok/step · {stats.get('wall_seconds', stats['seconds']):.1f} s{end}")
-
-
-def describe_error(err: BaseException) -> str:
-    from tide_local.errors import TideError
-
-    if isinstance(err, (TideError, ValueError)):
-        return str(err)
-    return f"{type(err).__name__}: {err}"
 
 
 class ChatApp(App):
@@ -151,7 +60,7 @@ class ChatApp(App):
         self.engine = None
         self.messages: list[dict] = []  # the conversation: user and assistant turns
         self.turn: Turn | None = None
-        self.last_stats: dict | None = None
+        self.last_stats = None  # GenerationStats of the last answer
         self.load_error: str | None = None
         self._engine_lock = threading.Lock()  # held by the worker using the engine
         self._closing = False
@@ -189,7 +98,7 @@ class ChatApp(App):
                     path = str(demo_model_path(progress=False))
                 else:
                     path = self.model_path
-                self.post_message(LoadStage(self._load_stage_text(path)))
+                self.post_message(LoadStage(load_stage_text(path, self.load_options)))
                 engine = tide_local.load(path, **self.load_options)
                 if self._closing:
                     engine.close()
@@ -198,21 +107,6 @@ class ChatApp(App):
                 self.post_message(Loaded(engine, path, time.perf_counter() - started))
             except Exception as err:  # shown in the app, which stays up to say so
                 self.post_message(LoadFailed(err))
-
-    def _load_stage_text(self, path: str) -> str:
-        from tide_local.progress import human_bytes
-
-        size = human_bytes(os.path.getsize(path)) if os.path.exists(path) else "?"
-        text = f"loading {Path(path).name} ({size}): memory-mapping the file, reading the tokenizer"
-        device = self.load_options.get("device", "auto")
-        if device == "cpu":
-            return text
-        budget = self.load_options.get("gpu_memory") or "free memory"
-        upload = (f"planning device memory (budget: {budget}) and uploading attention, shared experts, "
-                  "the LM head and the expert slots")
-        if device == "auto":
-            return f"{text}; with a GPU, {upload} to it"
-        return f"{text}; {upload} to {device}"
 
     def on_load_stage(self, message: LoadStage) -> None:
         now = time.perf_counter()
@@ -242,7 +136,7 @@ class ChatApp(App):
         self.settings.model_defaults = dict(message.engine.defaults)
         self._end_loading()
         name = Path(message.path).name
-        self.sub_title = f"{'demo model' if self.demo else name} · {self._placement()}"
+        self.sub_title = f"{'demo model' if self.demo else name} · {placement_text(self.engine)}"
         await self._welcome(name, message.seconds)
         prompt = self.query_one(PromptInput)
         prompt.disabled = False
@@ -256,18 +150,9 @@ class ChatApp(App):
         await self.add_note(f"could not load the model: {self.load_error}\n\nCtrl+Q quits.", "error", "error")
         self._show_status()
 
-    def _placement(self) -> str:
-        eng = self.engine
-        if eng is None:
-            return ""
-        if eng.plan is None:
-            return f"{eng.device}, {eng.threads} threads"
-        tau = f" tau {eng.tau}" if eng.tau else ""
-        return f"{eng.device} · {eng.policy_name}{tau}"
-
     async def _welcome(self, name: str, seconds: float) -> None:
         eng = self.engine
-        lines = [f"{name} loaded in {seconds:.1f} s · {self._placement()} · context {eng.n_ctx}"]
+        lines = [f"{name} loaded in {seconds:.1f} s · {placement_text(self.engine)} · context {eng.n_ctx}"]
         if eng.plan is not None:
             lines.append(f"device memory plan: {eng.plan.total_bytes / 2**20:.0f} MiB; /stats shows it in full")
         if self.demo:
@@ -392,9 +277,7 @@ class ChatApp(App):
 
     async def _end_turn(self, turn: Turn, result, error: BaseException | None) -> None:
         if result is not None:
-            stats = dict(result.stats)
-            stats["limit_reached"] = stats["tokens"] >= turn.options["max_new_tokens"]
-            self.last_stats = stats
+            stats = self.last_stats = result.stats
             self.messages.append({"role": "assistant", "content": result.text})
             await turn.widget.finish(result.text, turn_footer(stats))
             return
@@ -435,7 +318,7 @@ class ChatApp(App):
     def _status_head(self) -> str:
         if self.engine is None:
             return "no model" if self.load_error else "loading"
-        return self._placement()
+        return placement_text(self.engine)
 
     def _show_status(self) -> None:
         out = Text()
@@ -450,12 +333,9 @@ class ChatApp(App):
         self.query_one(StatusLine).update(out)
 
     def _show_live_status(self, snap: Snapshot) -> None:
-        rate = snap.tokens / snap.seconds if snap.seconds > 0 else 0.0
-        per_step = snap.tokens / snap.steps if snap.steps else 0.0
         out = Text()
         out.append(self._status_head(), style="bold")
-        out.append(f"  decoding block {snap.block} · {snap.tokens} tokens · {rate:.1f} tokens/s · "
-                   f"{per_step:.2f} tokens/step · Esc stops")
+        out.append("  " + live_text(snap))
         self.query_one(StatusLine).update(out)
 
     # -- commands and keys -----------------------------------------------------------------------
@@ -471,7 +351,7 @@ class ChatApp(App):
                 else:
                     await self.add_note(self.settings.set(command.argument))
             elif command.name == "stats":
-                await self.add_note(self.stats_text(), title="stats")
+                await self.add_note(stats_text(self.last_stats, self.engine, self.settings), title="stats")
             elif command.name == "help":
                 self.action_help()
             elif command.name == "quit":
@@ -489,27 +369,6 @@ class ChatApp(App):
         else:
             self.system = text
             await self.add_note(f"system prompt set for the next answers: {text}")
-
-    def stats_text(self) -> str:
-        from tide_local.generate_cli import offload_table, summary_line
-
-        lines = []
-        stats = self.last_stats
-        if stats is None:
-            lines.append("no answer yet")
-        else:
-            lines.append(summary_line(stats))
-            lines.append(f"prompt {stats['prompt_tokens']} tokens (prefill {stats['prefill_seconds']:.2f} s), "
-                         f"{stats['blocks']} blocks, {stats['steps']} steps (per block {stats['steps_per_block']}), "
-                         f"{stats.get('forwards', '?')} forwards")
-            if "per_layer" in stats:
-                lines.append(offload_table(stats))
-        if self.engine is not None:
-            lines.append(f"placement: {self._placement()}")
-            if self.engine.plan is not None:
-                lines.append(self.engine.plan.describe())
-        lines.append("generation options:\n" + self.settings.describe())
-        return "\n".join(lines)
 
     def check_action(self, action: str, parameters) -> bool | None:
         if action == "stop":
@@ -558,81 +417,3 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         self.close_engine()
-
-
-# -- the command -----------------------------------------------------------------------------------
-DESCRIPTION = """\
-Chat with a LLaDA2 GGUF (written by `tide convert`) in the terminal. Each turn goes through the
-model's chat template with the whole conversation. While the model decodes, the active block of
-32 tokens is drawn live: masked positions resolve into text as the denoising steps commit them,
-and finished blocks flow into the answer. The status line shows tokens/s, steps per block and
-tokens per step, and with expert offload the device hit rate, uploads and the CPU's share.
-
-Keys: Enter sends, Ctrl+J inserts a newline, Esc stops an answer, Ctrl+N starts a new
-conversation, F1 shows help, Ctrl+Q quits. Commands: /reset, /system TEXT, /set NAME VALUE,
-/stats, /help, /quit."""
-
-EPILOG = """\
-examples:
-  tide chat --demo
-  tide chat -m llada2-mini-q4_k_m.gguf --system "You are a concise assistant."
-  tide chat -m mini.gguf --gpu-memory 6GiB --policy tide --threshold 0.9
-  tide chat -m mini.gguf --device emulated --gpu-memory 2GiB      # watch the offload without a GPU
-
---demo runs a tiny model with random weights (built on first use and cached in $TIDE_CACHE_DIR,
-else ~/.cache/tide-local): its answers are noise, but the decoding is real.
-"""
-
-NO_MODEL = """\
-no model given. Either:
-  tide chat -m MODEL.gguf   a LLaDA2 GGUF: download a checkpoint as models.md explains
-                            (e.g. LLaDA2.0-mini) and convert it with
-                            `tide convert ./LLaDA2.0-mini -o mini.gguf --type q4_k_m`
-  tide chat --demo          a tiny model with random weights (its answers are noise),
-                            to try the app without a download"""
-
-
-def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
-    from tide_local.generate_cli import add_decoding_arguments, add_model_arguments, add_offload_arguments
-
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(raw=False)  # for generate_cli's option checks: chat always uses the chat template
-    src = p.add_argument_group("model")
-    add_model_arguments(src, "its answers are noise")
-    src.add_argument("--system", metavar="TEXT", help="system prompt (change it in the app with /system)")
-
-    dec = p.add_argument_group("decoding (change them in the app with /set NAME VALUE)")
-    dec.add_argument("-n", "--max-new-tokens", type=int, default=512, metavar="N",
-                     help="answer with at most N tokens (default: 512)")
-    add_decoding_arguments(dec)
-
-    off = p.add_argument_group("device and expert offload (as for `tide generate`)")
-    add_offload_arguments(off)
-    off.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
-
-    ui = p.add_argument_group("display")
-    ui.add_argument("--inline", action="store_true", help="run under the prompt instead of taking the whole screen")
-    return p
-
-
-def main(argv: list[str] | None = None, prog: str = "tide chat") -> int:
-    from tide_local.generate_cli import UsageError, _check_options, load_options
-
-    args = build_parser(prog).parse_args(argv)
-    try:
-        options = _check_options(args)
-        if not args.model and not args.demo:
-            raise UsageError(NO_MODEL)
-        if args.model and not Path(args.model).is_file():
-            raise UsageError(f"no such file: {args.model} (a LLaDA2 GGUF written by `tide convert`; see models.md)")
-    except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    app = ChatApp(args.model, demo=args.demo, load_options=load_options(args), system=args.system, options=options)
-    app.run(inline=args.inline)
-    return app.return_code or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

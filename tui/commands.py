@@ -4,26 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tide_local.diffusion import DecodeOptions
+from tide_local.diffusion import DecodeOptions, option_specs
 
-# The decoder options a chat can change, as `/set` spells them, with their types.
-OPTION_TYPES: dict[str, type] = {
-    "threshold": float,
-    "steps": int,
-    "temperature": float,
-    "top_k": int,
-    "top_p": float,
-    "seed": int,
-    "max_new_tokens": int,
-}
+# The decoder options a chat can change, as `/set` spells them, with their types (from the table).
+OPTION_TYPES: dict[str, type] = {name: spec.kind for name, spec in option_specs().items() if spec.in_chat}
 
-ALIASES = {
-    "n": "max_new_tokens",
-    "max-new-tokens": "max_new_tokens",
-    "top-k": "top_k",
-    "top-p": "top_p",
-    "temp": "temperature",
-}
+
+def _aliases() -> dict[str, str]:
+    """Other spellings: the command-line flags without dashes, and "temp"."""
+    out = {"temp": "temperature"}
+    for name, spec in option_specs().items():
+        for flag in (spec.flag, spec.short):
+            if flag and spec.in_chat:
+                out[flag.lstrip("-")] = name
+    return out
+
+
+ALIASES = _aliases()
 
 # What `/set NAME default` restores to None: the model's own value (or, for max_new_tokens, the chat's).
 DEFAULT_WORDS = ("default", "none", "off")
@@ -33,8 +30,8 @@ DEFAULT_MAX_NEW_TOKENS = 512
 COMMANDS: list[tuple[str, str]] = [
     ("/reset", "start a new conversation (also /new, Ctrl+N); the system prompt stays"),
     ("/system TEXT", "set the system prompt for the next answers; /system alone shows it, /system off removes it"),
-    ("/set NAME VALUE", "change a generation option for the next answers: threshold, steps, temperature, "
-                        "top_k, top_p, seed, max_new_tokens (VALUE 'default' restores it); /set alone lists them"),
+    ("/set NAME VALUE", f"change a generation option for the next answers: {', '.join(OPTION_TYPES)} "
+                        "(VALUE 'default' restores it); /set alone lists them"),
     ("/stats", "statistics of the last answer: speed, steps, and the expert offload per layer"),
     ("/help", "keys and commands (also F1)"),
     ("/quit", "leave (also Ctrl+Q)"),
@@ -109,10 +106,8 @@ class GenerationSettings:
         return f"{name} = {self.shown(name)} for the next answers"
 
     def _check(self, values: dict) -> None:
-        merged = {k: v for k, v in self.model_defaults.items() if k in ("threshold", "steps")}
-        merged.update({k: v for k, v in values.items() if v is not None})
         try:
-            DecodeOptions(**merged).validate()
+            DecodeOptions.build(values, self.model_defaults)
         except ValueError as err:
             raise CommandError(str(err)) from None
 

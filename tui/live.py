@@ -79,18 +79,13 @@ class LiveAnswer:
 
     def block(self, event) -> None:
         with self._lock:
-            start = int(event.start)
-            for offset, token in enumerate(event.tokens):
-                pos = start + offset
-                if pos < self.n_prompt or self._ended:
-                    continue
-                if pos >= self.limit:
-                    self._ended = True
-                    break
-                self._ids.append(int(token))
-                self._tokens_done += 1
-                if int(token) in self.stop_ids:
-                    self._ended = True
+            if not self._ended:
+                answer = [int(t) for t in event.answer]
+                self._ids.extend(answer)
+                self._tokens_done += len(answer)
+                # the decoder cuts a block's answer at the limit or a stop id: nothing follows it
+                self._ended = bool(answer) and (answer[-1] in self.stop_ids or
+                                                self.n_prompt + len(self._ids) >= self.limit)
             self._canvas = None
             self._commit_step = None
 

@@ -85,7 +85,7 @@ def plain_token_range(eng) -> int:
 
 
 def _distinct_experts(model) -> dict[int, int]:
-    return {layer: int(np.unique(r.experts).size) for layer, r in model.pending_routing.items()}
+    return {layer: int(np.unique(r.experts).size) for layer, r in model.last_routing.items()}
 
 
 def run(model_path: str | os.PathLike, opts: BenchOptions, log=lambda msg: None) -> dict:
@@ -135,9 +135,9 @@ def _end_to_end(eng, rng, high: int, opts: BenchOptions, log) -> dict:
     log(f"end to end: generating {opts.generate_tokens} tokens")
     res = eng.generate(prompt, max_new_tokens=opts.generate_tokens, stop_ids=[])
     s = res.stats
-    return {"threads": max(opts.threads), "tokens": s["tokens"], "steps": s["steps"],
-            "seconds": s["seconds"], "tokens_per_second": s["tokens_per_second"],
-            "tokens_per_step": s["tokens_per_step"], "prefill_seconds": s["prefill_seconds"]}
+    return {"threads": max(opts.threads), "tokens": s.tokens, "steps": s.steps,
+            "seconds": s.seconds, "tokens_per_second": s.tokens_per_second,
+            "tokens_per_step": s.tokens_per_step, "prefill_seconds": s.prefill_seconds}
 
 
 def _open_llama_cpp(model_path: Path, opts: BenchOptions, n_ctx: int, log):
@@ -194,7 +194,7 @@ def _measure_context(eng, runner, context: int, rng, high: int, opts: BenchOptio
         step = float(np.median(mine))
         floor = nbytes / bandwidth[threads]
         # the same step's matmuls and attention one op kind at a time: what ggml's kernels need
-        routing = {layer: (r.experts.copy(), r.weights.copy()) for layer, r in eng.model.pending_routing.items()}
+        routing = {layer: (r.experts.copy(), r.weights.copy()) for layer, r in eng.model.last_routing.items()}
         ops = dict.fromkeys(OP_KINDS, 0.0)
         for kind, job in op_jobs(eng, context, BLOCK, [routing]):
             ops[kind] += job()

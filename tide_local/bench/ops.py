@@ -14,6 +14,7 @@ import numpy as np
 
 from tide_local import ggml
 from tide_local.model import forward
+from tide_local.model.experts import routed_experts
 
 BLOCK = 32
 F32, F16, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.F16), int(ggml.GGMLType.I32)
@@ -72,7 +73,7 @@ def op_jobs(eng, context: int, n_rows: int, routings: list, reps: int = 3) -> li
         x = ctx.new_tensor(F32, ne=(H, T), input=True)
         ids = ctx.new_tensor(I32, ne=(K, T), input=True)
         wts = ctx.new_tensor(F32, ne=(1, K, T), input=True)
-        graph = ctx.build_graph(forward.routed_experts(ctx, lw.experts, x, ids, wts))  # the engine's own
+        graph = ctx.build_graph(routed_experts(ctx, lw.experts, x, ids, wts))  # the engine's own
         times = []
         for i, routing in enumerate([routings[0]] + list(routings)):  # the first is a warm-up
             e, wt = routing[layer]

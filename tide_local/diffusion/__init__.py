@@ -5,7 +5,8 @@ blocks); :class:`WindowModel` adapts a cache-free whole-window logits function t
 """
 
 from .blockmodel import BlockModel, WindowModel
-from .decoder import BlockEvent, DecodeOptions, DecodeResult, StepEvent, decode, iter_decode
+from .decoder import BlockEvent, DecodeResult, DecodeStats, FinishReason, StepEvent, decode, iter_decode
+from .options import DecodeOptions, OptionValueError, option_specs
 from .sampling import transfer_schedule
 
 __all__ = [
@@ -15,6 +16,10 @@ __all__ = [
     "StepEvent",
     "BlockEvent",
     "DecodeResult",
+    "DecodeStats",
+    "FinishReason",
+    "OptionValueError",
+    "option_specs",
     "decode",
     "iter_decode",
     "transfer_schedule",

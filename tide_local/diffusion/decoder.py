@@ -23,64 +23,20 @@ Semantics (the HF reference's ``generate``, with the greedy rule of SGLang / dIn
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
-from typing import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Collection, Iterator, Literal, Sequence
 
 import numpy as np
 
 from .blockmodel import BlockModel
+from .options import DecodeOptions, _is_int
 from .sampling import choose_tokens, select_commits, transfer_schedule
 
-__all__ = ["DecodeOptions", "StepEvent", "BlockEvent", "DecodeResult", "iter_decode", "decode"]
+__all__ = ["DecodeOptions", "StepEvent", "BlockEvent", "DecodeStats", "DecodeResult", "FinishReason",
+           "iter_decode", "decode"]
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-@dataclass
-class DecodeOptions:
-    """Decoding settings. Defaults follow the model: greedy, block 32, 32 steps, threshold 0.95.
-
-    ``top_k`` / ``top_p`` only act when ``temperature > 0``: at temperature 0 the token is the
-    argmax of the full row, which neither filter can change, and its confidence is the unfiltered
-    softmax probability. ``seed`` seeds the sampler (``None``: fresh entropy each run).
-    """
-
-    max_new_tokens: int = 256
-    threshold: float = 0.95
-    steps: int = 32
-    block_length: int = 32
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-    def validate(self) -> "DecodeOptions":
-        """Raise ValueError naming the first bad setting; return self."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not _is_real(self.threshold) or not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
-        if not _is_int(self.steps) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not _is_int(self.block_length) or self.block_length < 1:
-            raise ValueError(f"block_length must be an integer >= 1, got {self.block_length!r}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
-        if self.top_p is not None and (not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
-        return self
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass
@@ -101,26 +57,55 @@ class StepEvent:
 
 @dataclass
 class BlockEvent:
-    """A finished block: its final tokens (prompt tail included) and the steps it took."""
+    """A finished block: its final tokens (prompt tail included), the steps it took, and
+    ``answer``: the part of it that belongs to the answer (positions past the prompt, within
+    ``max_new_tokens``, up to and including the first stop id). The answer is the
+    concatenation of the blocks' ``answer``s."""
 
     block_index: int
     start: int
     tokens: np.ndarray
     steps: int
+    answer: np.ndarray
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """What one generation did.
+
+    ``seconds`` is time spent in decoding, prefill included, not counting time the consumer of
+    :func:`iter_decode` spends between events. ``finish_reason``: ``stop`` (a stop id ended the
+    answer), ``length`` (``max_new_tokens`` reached) or ``cancelled`` (the caller's cancel was
+    set; the answer is the finished blocks')."""
+
+    prompt_tokens: int
+    tokens: int  # ids returned
+    blocks: int  # blocks denoised
+    steps: int  # denoising steps (= model forwards with logits)
+    steps_per_block: tuple[int, ...]
+    seconds: float
+    prefill_seconds: float
+    finish_reason: FinishReason
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_steps_per_block(self) -> float:
+        return sum(self.steps_per_block) / len(self.steps_per_block) if self.steps_per_block else 0.0
 
 
 @dataclass
 class DecodeResult:
-    """The generated ids and statistics.
-
-    ``stats``: ``blocks`` (blocks denoised), ``steps`` (denoising steps = model forwards),
-    ``tokens`` (ids returned), ``tokens_per_step``, ``seconds`` (time spent in decoding, prefill
-    included, not counting time the consumer of :func:`iter_decode` spends between events),
-    ``tokens_per_second``, ``prefill_seconds``, ``steps_per_block`` (list), ``prompt_tokens``,
-    ``stopped`` (a stop id ended generation)."""
+    """The generated ids and their statistics."""
 
     tokens: list[int]
-    stats: dict = field(default_factory=dict)
+    stats: DecodeStats
 
 
 class _Clock:
@@ -157,9 +142,12 @@ def iter_decode(
     *,
     mask_id: int,
     stop_ids: Collection[int],
+    cancel=None,
 ) -> Iterator[StepEvent | BlockEvent | DecodeResult]:
     """Decode, yielding a StepEvent per step, a BlockEvent per finished block and the DecodeResult
-    last. Raises ValueError (before calling the model) on an empty prompt or invalid options."""
+    last. Raises ValueError (before calling the model) on an empty prompt or invalid options.
+    `cancel`: anything with ``is_set()`` (a threading.Event), checked before every step: once
+    set, decoding ends with the finished blocks and ``finish_reason`` "cancelled"."""
     options.validate()
     tokens = _prompt_array(prompt)
     if not _is_int(mask_id) or mask_id < 0:
@@ -169,11 +157,19 @@ def iter_decode(
     if model_block != B:
         raise ValueError(f"block_length {B} differs from the model's block length {model_block}")
     stops = np.array(sorted({int(s) for s in stop_ids}), dtype=np.int64)
-    return _run(model, tokens, options, int(mask_id), stops)
+    return _run(model, tokens, options, int(mask_id), stops, cancel)
+
+
+def _answer_part(block: np.ndarray, start: int, n_prompt: int, limit: int, stops: np.ndarray) -> np.ndarray:
+    """The answer's tokens in a finished block at `start`: positions in [n_prompt, limit), cut
+    after the first stop id."""
+    part = block[max(0, n_prompt - start): max(0, limit - start)]
+    hits = np.flatnonzero(np.isin(part, stops)) if stops.size else ()
+    return part[: hits[0] + 1].copy() if len(hits) else part.copy()
 
 
 def _run(
-    model: BlockModel, prompt: np.ndarray, options: DecodeOptions, mask_id: int, stops: np.ndarray
+    model: BlockModel, prompt: np.ndarray, options: DecodeOptions, mask_id: int, stops: np.ndarray, cancel
 ) -> Iterator[StepEvent | BlockEvent | DecodeResult]:
     B = options.block_length
     P = prompt.size
@@ -191,13 +187,17 @@ def _run(
     prefill_seconds = time.perf_counter() - clock._since
 
     steps_per_block: list[int] = []
-    stopped = False
+    answer: list[np.ndarray] = []
+    reason: FinishReason = "length"
     for b in range(first, num_blocks):
         start = b * B
         block = canvas[start : start + B]  # view into the canvas
         free = offsets + start >= P  # prompt positions are never candidates
         done = 0
         for step, quota in enumerate(quotas):
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
             rows = np.flatnonzero((block == mask_id) & free)
             if rows.size == 0:
                 break
@@ -214,36 +214,29 @@ def _run(
             clock.pause()
             yield StepEvent(b, step, start, block.copy(), committed, confidence[pick])
             clock.resume()
+        if reason == "cancelled":
+            break
         steps_per_block.append(done)
-        stopped = bool(stops.size) and bool(np.isin(canvas[P : start + B], stops).any())
-        last = stopped or b == num_blocks - 1
+        part = _answer_part(block, start, P, P + max_new, stops)
+        answer.append(part)
+        if stops.size and np.isin(part, stops).any():
+            reason = "stop"
+        last = reason == "stop" or b == num_blocks - 1
         if not last:  # the last block's K/V would never be read
             model.commit_block(block.copy(), start)
         clock.pause()
-        yield BlockEvent(b, start, block.copy(), done)
+        yield BlockEvent(b, start, block.copy(), done, part)
         clock.resume()
         if last:
             break
 
-    generated = canvas[P : P + max_new]
-    hits = np.flatnonzero(np.isin(generated, stops)) if stops.size else np.zeros(0, dtype=np.int64)
-    if hits.size:
-        generated = generated[: hits[0] + 1]
+    generated = np.concatenate(answer) if answer else np.zeros(0, dtype=np.int32)
     clock.pause()
-    total_steps = sum(steps_per_block)
-    n = int(generated.size)
-    stats = {
-        "blocks": len(steps_per_block),
-        "steps": total_steps,
-        "tokens": n,
-        "tokens_per_step": n / total_steps if total_steps else 0.0,
-        "seconds": clock.total,
-        "tokens_per_second": n / clock.total if clock.total > 0 else 0.0,
-        "prefill_seconds": prefill_seconds,
-        "steps_per_block": steps_per_block,
-        "prompt_tokens": P,
-        "stopped": bool(hits.size),
-    }
+    stats = DecodeStats(
+        prompt_tokens=P, tokens=int(generated.size), blocks=len(steps_per_block), steps=sum(steps_per_block),
+        steps_per_block=tuple(steps_per_block), seconds=clock.total, prefill_seconds=prefill_seconds,
+        finish_reason=reason,
+    )
     yield DecodeResult([int(t) for t in generated], stats)
 
 
@@ -254,10 +247,11 @@ def decode(
     *,
     mask_id: int,
     stop_ids: Collection[int],
+    cancel=None,
 ) -> DecodeResult:
     """Run :func:`iter_decode` to the end and return its DecodeResult."""
     result = None
-    for event in iter_decode(model, prompt, options, mask_id=mask_id, stop_ids=stop_ids):
+    for event in iter_decode(model, prompt, options, mask_id=mask_id, stop_ids=stop_ids, cancel=cancel):
         result = event
     assert isinstance(result, DecodeResult)
     return result

@@ -8,28 +8,17 @@ layer (never more than the layer has experts).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tide_local import architecture
 from tide_local.errors import BudgetError, TideError
 from tide_local.modelfile import ModelFile
-from tide_local.progress import human_bytes
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+from tide_local.units import human_bytes, parse_size
 
 
 def parse_memory(value) -> int:
-    """'6GiB', '6000MiB', '6GB', 6442450944 → bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"memory size must be positive (got {value})")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read memory size '{value}' (write e.g. 6GiB, 6000MiB or a number of bytes)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """'6GiB', '6000MiB', '6GB', 6442450944 → bytes (see units.parse_size; 0 is allowed)."""
+    return parse_size(value, what="memory size", allow_zero=True)
 
 
 def kv_cache_bytes(cfg: architecture.LLaDA2Config, n_ctx: int) -> int:
@@ -62,6 +51,19 @@ class MemoryPlan:
         return sum(self.device_bytes.values())
 
     @property
+    def fits(self) -> bool:
+        """Everything the plan puts on the device stays within the budget, and no layer has
+        more slots than experts."""
+        return self.total_bytes <= self.budget and all(0 <= n <= self.n_experts for n in self.slots.values())
+
+    def with_slots(self, slots: dict[int, int], note: str) -> "MemoryPlan":
+        """The same budget, fixed part and context with other expert slots per MoE layer (`note`
+        says where they come from); check `fits` before using it."""
+        device_bytes = dict(self.device_bytes)
+        device_bytes["expert slots"] = sum(slots.values()) * self.expert_bytes
+        return replace(self, device_bytes=device_bytes, slots=dict(slots), notes=list(self.notes) + [note])
+
+    @property
     def resident_fraction(self) -> float:
         return sum(self.slots.values()) / max(1, len(self.slots) * self.n_experts)
 
@@ -79,26 +81,29 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+# What the memory plan calls each device-resident tensor, by role (the rest: "norms and routers").
+_DEVICE_KINDS = {
+    "output": "LM head",
+    "attn_qkv": "attention",
+    "attn_output": "attention",
+    **{f"shared_{p}": "shared experts" for p in architecture.EXPERT_PROJECTIONS},
+    "ffn_gate": "dense layers",
+    "ffn_up": "dense layers",
+    "ffn_down": "dense layers",
+}
+
+
 def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | None = None) -> MemoryPlan:
     """Slots per MoE layer for `budget` bytes; raises BudgetError naming the smallest budget that works."""
     cfg = model.config
     g = model.gguf
     kinds = {"attention": 0, "norms and routers": 0, "shared experts": 0, "dense layers": 0, "LM head": 0}
-    expert_names = {architecture.expert_tensor_name(layer, p) for layer in cfg.moe_layers for p in architecture.EXPERT_PROJECTIONS}
+    roles = {spec.name: spec.role for spec in model.specs}
     for name, t in g.tensors.items():
-        if name in expert_names or name == "token_embd.weight":
+        role = roles.get(name)
+        if role in architecture.PARTLY_READ_ROLES:  # the embedding and the expert stacks stay on the host
             continue
-        if name.startswith("output"):
-            kind = "LM head" if name == "output.weight" else "norms and routers"
-        elif "attn_qkv" in name or "attn_output" in name:
-            kind = "attention"
-        elif "shexp" in name:
-            kind = "shared experts"
-        elif name.endswith(("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")):
-            kind = "dense layers"
-        else:
-            kind = "norms and routers"
-        kinds[kind] += t.nbytes
+        kinds[_DEVICE_KINDS.get(role, "norms and routers")] += t.nbytes
     kinds["KV cache"] = kv_cache_bytes(cfg, n_ctx)
     kinds["compute buffers"] = compute_reserve(cfg, n_ctx)
     fixed = sum(kinds.values())

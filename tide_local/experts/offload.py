@@ -1,5 +1,9 @@
 """Hybrid MoE execution: resident experts in device slots, misses on the CPU.
 
+`HybridExperts` is the experts executor (see ``tide_local/model/experts.py``) the engine gives
+the model when there is a device: the forward asks it for a layer's per-choice outputs and runs
+it with the routing; everything about where an expert runs lives here.
+
 Per MoE layer and pass: the host routing is split into hits (the expert sits in a slot:
 the device runs it from the slot pool, ids remapped to slots) and misses (the CPU runs
 it from the memory-mapped stack, for those token-slots only, in a worker thread while
@@ -18,10 +22,13 @@ import numpy as np
 
 from tide_local import ggml, architecture
 from tide_local.experts.memory import MemoryPlan
-from tide_local.experts.policies import LayerSlots, Policy
+from tide_local.experts.policies import LayerSlots, Policy, refresh_layer
 from tide_local.experts.trace import PassClock
+from tide_local.model.experts import routed_experts
 from tide_local.model.router import Routing
+from tide_local.model.timing import PhaseTimer
 from tide_local.model.weights import typed
+from tide_local.results import LayerOffload, OffloadStats
 
 F32, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.I32)
 
@@ -34,7 +41,6 @@ class Placement:
     device_weights: np.ndarray  # float32 [T, K] routing weight (0 where a miss)
     miss_tokens: np.ndarray  # int [P] token of each missed assignment
     miss_slots: np.ndarray  # int [P] which of the K choices
-    any_hits: bool
 
     @property
     def n_misses(self) -> int:
@@ -42,35 +48,18 @@ class Placement:
 
 
 @dataclass
-class LayerStats:
-    hits: int = 0
-    misses: int = 0
-    uploads: int = 0
-    upload_bytes: int = 0
+class OffloadCounters:
+    """Running counts of one generation (reset by `reset_stats`)."""
 
-
-@dataclass
-class OffloadStats:
-    layers: dict[int, LayerStats] = field(default_factory=dict)
+    layers: dict[int, LayerOffload] = field(default_factory=dict)
     upload_seconds: float = 0.0
     cpu_seconds: float = 0.0  # CPU expert compute (worker thread)
     wait_seconds: float = 0.0  # device side waiting for the CPU share
     passes: int = 0
 
-    def totals(self) -> dict:
-        hits = sum(s.hits for s in self.layers.values())
-        misses = sum(s.misses for s in self.layers.values())
-        return {
-            "hits": hits,
-            "misses": misses,
-            "hit_rate": hits / max(1, hits + misses),
-            "cpu_token_slots": misses,
-            "uploads": sum(s.uploads for s in self.layers.values()),
-            "upload_bytes": sum(s.upload_bytes for s in self.layers.values()),
-            "upload_seconds": self.upload_seconds,
-            "cpu_expert_seconds": self.cpu_seconds,
-            "wait_seconds": self.wait_seconds,
-        }
+    def add(self, layer: int, **counts: int) -> None:
+        old = self.layers.get(layer, LayerOffload())
+        self.layers[layer] = LayerOffload(**{k: getattr(old, k) + counts.get(k, 0) for k in vars(old)})
 
 
 class CpuExperts:
@@ -86,12 +75,10 @@ class CpuExperts:
         if key not in self._graphs:
             cfg, stacks = self.cfg, self.weights.layers[layer].experts
             ctx = ggml.Context(max_tensors=32)
-            x = ctx.new_tensor(F32, ne=(cfg.hidden_size, 1, rows), input=True)
+            x = ctx.new_tensor(F32, ne=(cfg.hidden_size, rows), input=True)  # one row per missed choice
             ids = ctx.new_tensor(I32, ne=(1, rows), input=True)
             w = ctx.new_tensor(F32, ne=(1, 1, rows), input=True)
-            gate = ctx.mul_mat_id(stacks["gate"], x, ids)
-            up = ctx.mul_mat_id(stacks["up"], x, ids)
-            out = ctx.mul_mat_id(stacks["down"], ctx.mul(ctx.mul(ctx.silu(gate), up), w), ids)
+            out = routed_experts(ctx, stacks, x, ids, w)
             graph = ctx.build_graph(out)
             if self.allocator.bind([graph]):
                 self._graphs.clear()
@@ -120,7 +107,7 @@ class CpuExperts:
         return y
 
 
-class ExpertOffload:
+class HybridExperts:
     """Slots on the device, the policy that fills them, the CPU share, and the statistics."""
 
     def __init__(self, model_file, weights, device: ggml.Backend, cpu: ggml.Backend, plan: MemoryPlan,
@@ -142,11 +129,11 @@ class ExpertOffload:
         self.buffer = device.alloc_tensors(self.context) if self.pools else None
         self.cpu = CpuExperts(cpu, weights, cfg)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tide-cpu-experts")
-        self.stats = OffloadStats()
+        self.stats = OffloadCounters()
         self.step_log: list[dict] = []  # per pass: block start, step, per-layer hits/misses/uploads
         self.clock = PassClock()
         for layer, slots in self.slots.items():
-            self._upload(layer, policy.initial(layer, slots), count=False)
+            self.upload(layer, policy.initial(layer, slots), count=False)
 
     # -- the pass clock ----------------------------------------------------------------------------
     def begin_pass(self, start: int, n_tokens: int) -> None:
@@ -156,7 +143,8 @@ class ExpertOffload:
         self.step_log.append({"start": start, "step": self.clock.step, "tokens": n_tokens, "layers": {}})
 
     # -- per layer ----------------------------------------------------------------------------------
-    def _upload(self, layer: int, uploads: list[tuple[int, int]], count: bool = True) -> None:
+    def upload(self, layer: int, uploads: list[tuple[int, int]], count: bool = True) -> None:
+        """Copy expert slices into slots: `uploads` holds (slot, expert) pairs."""
         if not uploads:
             return
         t0 = time.perf_counter()
@@ -172,29 +160,21 @@ class ExpertOffload:
                 nbytes += size
         self.stats.upload_seconds += time.perf_counter() - t0
         if count:
-            s = self.stats.layers.setdefault(layer, LayerStats())
-            s.uploads += len(uploads)
-            s.upload_bytes += nbytes
+            self.stats.add(layer, uploads=len(uploads), upload_bytes=nbytes)
 
     def place(self, layer: int, routing: Routing) -> Placement:
-        slots = self.slots[layer]
-        counts = np.bincount(routing.experts.ravel(), minlength=self.cfg.n_experts)
-        uploads = self.policy.refresh(slots, counts, self.clock.step, self.clock.clock) if slots.n_slots else []
-        self._upload(layer, uploads)
-        slot_ids = slots.slot_of_expert[routing.experts]
-        hit = slot_ids >= 0
+        refresh = refresh_layer(self.policy, self.slots[layer], routing.experts, self.clock.step, self.clock.clock)
+        self.upload(layer, refresh.uploads)
+        hit = refresh.hit
         miss_t, miss_k = np.nonzero(~hit)
-        n_hits = int(hit.sum())
-        s = self.stats.layers.setdefault(layer, LayerStats())
-        s.hits += n_hits
-        s.misses += len(miss_t)
-        self.step_log[-1]["layers"][layer] = (n_hits, len(miss_t), len(uploads))
+        hits, misses, uploads = refresh.tally()
+        self.stats.add(layer, hits=hits, misses=misses)
+        self.step_log[-1]["layers"][layer] = (hits, misses, uploads)
         return Placement(
-            device_ids=np.where(hit, slot_ids, 0).astype(np.int32),
+            device_ids=np.where(hit, refresh.slot_ids, 0).astype(np.int32),
             device_weights=np.where(hit, routing.weights, 0.0).astype(np.float32),
             miss_tokens=miss_t,
             miss_slots=miss_k,
-            any_hits=n_hits > 0,
         )
 
     def start_misses(self, layer: int, x: np.ndarray, routing: Routing, placement: Placement) -> Future:
@@ -212,9 +192,63 @@ class ExpertOffload:
         self.stats.wait_seconds += time.perf_counter() - t0
         return y
 
+    # -- the executor's side ------------------------------------------------------------------------
+    def for_pass(self, ctx: ggml.Context, n_tokens: int, timer: PhaseTimer) -> "_HybridPass":
+        return _HybridPass(self, ctx, n_tokens, timer)
+
     def reset_stats(self) -> None:
-        self.stats = OffloadStats()
+        self.stats = OffloadCounters()
         self.step_log = []
+
+    def report(self, tau: int | None, tau_source: str | None) -> OffloadStats:
+        """The counts since `reset_stats`, typed."""
+        s = self.stats
+        return OffloadStats(policy=self.policy.name, tau=tau, tau_source=tau_source, per_layer=dict(s.layers),
+                            per_step=list(self.step_log), upload_seconds=s.upload_seconds,
+                            cpu_expert_seconds=s.cpu_seconds, wait_seconds=s.wait_seconds)
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+
+
+class _HybridPass:
+    """One pass shape: per MoE layer a device graph over the slot pool (its own graph, run while
+    the CPU works), and two per-choice outputs, the device's and the CPU's, whose sum the
+    layer's graph takes. Both outputs hold exact zeros where the other side owns the choice."""
+
+    def __init__(self, executor: HybridExperts, ctx: ggml.Context, n_tokens: int, timer: PhaseTimer):
+        cfg = executor.cfg
+        self.executor, self.ctx, self.timer = executor, ctx, timer
+        self.ids = {layer: ctx.new_tensor(I32, ne=(cfg.n_experts_used, n_tokens)) for layer in executor.pools}
+        self.weights = {layer: ctx.new_tensor(F32, ne=(1, cfg.n_experts_used, n_tokens)) for layer in executor.pools}
+        # shared by the layers of the pass: one layer's outputs are consumed before the next runs
+        self.y_device = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, n_tokens))
+        self.y_cpu = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, n_tokens))
+        self._y_cpu_zero = False
+        self.hit_graphs: dict[int, ggml.Graph] = {}
+        self.graphs: list[ggml.Graph] = []
+
+    def output(self, layer: int, x):
+        ctx, pool = self.ctx, self.executor.pools.get(layer)
+        if pool is None:  # no slots in this layer: all on the CPU
+            return self.y_cpu
+        y = routed_experts(ctx, pool, x, self.ids[layer], self.weights[layer])
+        self.hit_graphs[layer] = graph = ctx.build_graph(ctx.cpy(y, self.y_device))
+        self.graphs.append(graph)
+        return ctx.add(self.y_device, self.y_cpu)
+
+    def run(self, layer: int, x, routing: Routing) -> None:
+        executor = self.executor
+        placement = executor.place(layer, routing)
+        future = executor.start_misses(layer, x.get(), routing, placement) if placement.n_misses else None
+        if layer in self.hit_graphs:
+            self.ids[layer].set(placement.device_ids)
+            self.weights[layer].set(placement.device_weights)
+            with self.timer.phase("compute_experts"):
+                executor.device.compute(self.hit_graphs[layer])
+        if future is not None:
+            self.y_cpu.set(executor.wait(future))
+            self._y_cpu_zero = False
+        elif not self._y_cpu_zero:
+            self.y_cpu.set(np.zeros(self.y_cpu.shape, dtype=np.float32))
+            self._y_cpu_zero = True

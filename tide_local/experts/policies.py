@@ -18,9 +18,14 @@ none changes what is computed, only where.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 POLICIES = ("tide", "swap", "static", "lru", "cpu", "resident")
+
+# TIDE's refresh interval in steps when none is given and the planner has no plan for the setting.
+DEFAULT_TAU = 4
 
 
 class LayerSlots:
@@ -160,7 +165,43 @@ class CpuPolicy(Policy):
     name = "cpu"
 
 
-def make_policy(name: str, tau: int = 4, popularity: dict[int, np.ndarray] | None = None) -> Policy:
+@dataclass
+class LayerRefresh:
+    """One MoE layer on one pass: the uploads its policy made first, then where each of the
+    routing's (token, choice) assignments runs. The engine (``HybridExperts.place``) and the
+    trace replays count a placement from this one object, so their counts agree."""
+
+    counts: np.ndarray  # int [E] token-slots routed to each expert
+    uploads: list[tuple[int, int]]  # (slot, expert), made before the layer's experts run
+    slot_ids: np.ndarray  # int [T, K] slot of each assignment, -1 where it misses (runs on the CPU)
+
+    @property
+    def hit(self) -> np.ndarray:
+        return self.slot_ids >= 0
+
+    @property
+    def n_hits(self) -> int:
+        return int(self.hit.sum())
+
+    @property
+    def n_misses(self) -> int:
+        return self.slot_ids.size - self.n_hits
+
+    def tally(self) -> tuple[int, int, int]:
+        """(hits, misses, uploads): a layer's entry in the engine's per-step statistics."""
+        hits = self.n_hits
+        return hits, self.slot_ids.size - hits, len(self.uploads)
+
+
+def refresh_layer(policy: Policy, slots: LayerSlots, experts: np.ndarray, step: int, clock: int) -> LayerRefresh:
+    """Let `policy` refresh `slots` for a layer routed to `experts` (int [T, K]) and say which
+    assignments hit. `step` counts passes within the block, `clock` every pass."""
+    counts = np.bincount(experts.ravel(), minlength=len(slots.slot_of_expert))
+    uploads = policy.refresh(slots, counts, step, clock) if slots.n_slots else []
+    return LayerRefresh(counts, uploads, slots.slot_of_expert[experts])
+
+
+def make_policy(name: str, tau: int = DEFAULT_TAU, popularity: dict[int, np.ndarray] | None = None) -> Policy:
     if name == "tide":
         return TidePolicy(tau)
     if name == "swap":

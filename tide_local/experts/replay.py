@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tide_local.experts.policies import LayerSlots, Policy, make_policy
+from tide_local.experts.policies import DEFAULT_TAU, LayerSlots, Policy, make_policy, refresh_layer
 from tide_local.experts.trace import PassClock, RoutingTrace
 
 
@@ -49,25 +49,29 @@ def classify_passes(trace: RoutingTrace) -> list[str]:
     return kinds
 
 
-def replay(trace: RoutingTrace, policy: Policy | str, slots: int | dict[int, int], *, tau: int = 4,
-           popularity: dict[int, np.ndarray] | None = None) -> ReplayResult:
-    """Run `policy` over `trace` with `slots` per MoE layer (an int, or per layer)."""
+def start_policy(trace: RoutingTrace, policy: Policy | str, slots: int | dict[int, int], *, tau: int = DEFAULT_TAU,
+                 popularity: dict[int, np.ndarray] | None = None) -> tuple[Policy, dict[int, LayerSlots]]:
+    """`policy` (a name, or a Policy) and each MoE layer's `slots` (an int, or per layer) with
+    the policy's initial residency, as the engine loads them."""
     if isinstance(policy, str):
-        policy = make_policy(policy, tau, popularity if popularity is not None else None)
+        policy = make_policy(policy, tau, popularity)
     per_layer = slots if isinstance(slots, dict) else {layer: int(slots) for layer in trace.moe_layers}
     layer_slots = {layer: LayerSlots(n, trace.n_experts) for layer, n in per_layer.items()}
     for layer, s in layer_slots.items():
         policy.initial(layer, s)
+    return policy, layer_slots
+
+
+def replay(trace: RoutingTrace, policy: Policy | str, slots: int | dict[int, int], *, tau: int = DEFAULT_TAU,
+           popularity: dict[int, np.ndarray] | None = None) -> ReplayResult:
+    """Run `policy` over `trace` with `slots` per MoE layer (an int, or per layer)."""
+    policy, layer_slots = start_policy(trace, policy, slots, tau=tau, popularity=popularity)
     clock = PassClock()
-    result = ReplayResult(policy.name, per_layer)
+    result = ReplayResult(policy.name, {layer: s.n_slots for layer, s in layer_slots.items()})
     for p, kind in zip(trace.passes, classify_passes(trace)):
         clock.tick(p["start"])
         entry = {"start": p["start"], "step": clock.step, "tokens": p["tokens"], "kind": kind, "layers": {}}
         for layer, experts in p["layers"].items():
-            s = layer_slots[layer]
-            counts = np.bincount(experts.ravel(), minlength=trace.n_experts)
-            uploads = policy.refresh(s, counts, clock.step, clock.clock) if s.n_slots else []
-            hits = int((s.slot_of_expert[experts] >= 0).sum())
-            entry["layers"][layer] = (hits, experts.size - hits, len(uploads))
+            entry["layers"][layer] = refresh_layer(policy, layer_slots[layer], experts, clock.step, clock.clock).tally()
         result.passes.append(entry)
     return result

@@ -17,6 +17,11 @@ Public surface:
   :class:`GraphAllocator`, :func:`wrap_host_memory` (zero-copy host/mmap memory)
 * :func:`set_log_mode` to route ggml's log output, :func:`library_info`.
 
+Modules, one job each: ``tensor`` (tensor handles), ``context`` (tensor creation and
+the op builders), ``graph``, ``device`` (devices, buffer types), ``buffers`` (buffers,
+host memory wrapping), ``backend`` (backends, graph allocator, events, thread count),
+``quant``, ``_lib`` (loading and C declarations), ``_log``, ``_handle`` (ownership).
+
 The raw declared C functions are reachable as ``tide_local.ggml.lib().ggml_*``.
 """
 
@@ -25,20 +30,11 @@ from __future__ import annotations
 from tide_local.ggml._lib import GGML_TENSOR_SIZE, TENSOR_ALIGNMENT
 from tide_local.ggml._lib import load as lib
 from tide_local.ggml._log import get_log_mode, set_log_mode
-from tide_local.ggml.backend import (
-    Backend,
-    Buffer,
-    BufferType,
-    Device,
-    Event,
-    GraphAllocator,
-    accelerator_devices,
-    aligned_empty,
-    cpu_buffer_type,
-    devices,
-    wrap_host_memory,
-)
-from tide_local.ggml.core import Context, Graph, Tensor
+from tide_local.ggml.backend import Backend, Event, GraphAllocator
+from tide_local.ggml.buffers import Buffer, aligned_empty, wrap_host_memory
+from tide_local.ggml.context import Context
+from tide_local.ggml.device import BufferType, Device, accelerator_devices, cpu_buffer_type, devices
+from tide_local.ggml.graph import Graph
 from tide_local.ggml.quant import (
     GGMLType,
     block_size,
@@ -51,6 +47,7 @@ from tide_local.ggml.quant import (
     type_name,
     type_size,
 )
+from tide_local.ggml.tensor import Tensor
 
 __all__ = [
     "GGML_TENSOR_SIZE",

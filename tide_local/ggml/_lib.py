@@ -89,9 +89,6 @@ BUFFER_USAGE_COMPUTE = 2
 # enum ggml_log_level
 LOG_NONE, LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_CONT = range(6)
 
-# enum ggml_sort_order
-SORT_ASC, SORT_DESC = 0, 1
-
 
 # --------------------------------------------------------------------------- structs
 
@@ -237,25 +234,15 @@ _REQUIRED: dict[str, tuple] = {
     "ggml_add_inplace": (P, [P, P, P]),
     "ggml_sub": (P, [P, P, P]),
     "ggml_mul": (P, [P, P, P]),
-    "ggml_div": (P, [P, P, P]),
     "ggml_scale": (P, [P, P, F]),
     "ggml_scale_bias": (P, [P, P, F, F]),
     "ggml_silu": (P, [P, P]),
     "ggml_sigmoid": (P, [P, P]),
-    "ggml_exp": (P, [P, P]),
-    "ggml_sqr": (P, [P, P]),
-    "ggml_sqrt": (P, [P, P]),
-    "ggml_neg": (P, [P, P]),
-    "ggml_tanh": (P, [P, P]),
-    "ggml_gelu": (P, [P, P]),
     "ggml_swiglu_split": (P, [P, P, P]),
     "ggml_sum_rows": (P, [P, P]),
     "ggml_argmax": (P, [P, P]),
-    "ggml_argsort": (P, [P, P, c_int]),
     "ggml_top_k": (P, [P, P, c_int]),
     "ggml_concat": (P, [P, P, P, c_int]),
-    "ggml_repeat": (P, [P, P, P]),
-    "ggml_norm": (P, [P, P, F]),
     "ggml_rms_norm": (P, [P, P, F]),
     "ggml_mul_mat": (P, [P, P, P]),
     "ggml_mul_mat_id": (P, [P, P, P, P]),
@@ -288,10 +275,8 @@ _REQUIRED: dict[str, tuple] = {
     "ggml_graph_get_tensor": (P, [P, c_char_p]),
     # backend: buffer types
     "ggml_backend_buft_name": (c_char_p, [P]),
-    "ggml_backend_buft_alloc_buffer": (P, [P, c_size_t]),
     "ggml_backend_buft_get_alignment": (c_size_t, [P]),
     "ggml_backend_buft_get_max_size": (c_size_t, [P]),
-    "ggml_backend_buft_get_alloc_size": (c_size_t, [P, P]),
     "ggml_backend_buft_is_host": (c_bool, [P]),
     "ggml_backend_buft_get_device": (P, [P]),
     # backend: buffers
@@ -306,7 +291,6 @@ _REQUIRED: dict[str, tuple] = {
     "ggml_backend_buffer_set_usage": (None, [P, c_int]),
     "ggml_backend_buffer_get_usage": (c_int, [P]),
     "ggml_backend_buffer_get_type": (P, [P]),
-    "ggml_backend_tensor_copy": (None, [P, P]),
     # backend: streams
     "ggml_backend_name": (c_char_p, [P]),
     "ggml_backend_free": (None, [P]),
@@ -320,10 +304,8 @@ _REQUIRED: dict[str, tuple] = {
     "ggml_backend_tensor_memset": (None, [P, c_uint8, c_size_t, c_size_t]),
     "ggml_backend_synchronize": (None, [P]),
     "ggml_backend_graph_compute": (c_int, [P, P]),
-    "ggml_backend_graph_compute_async": (c_int, [P, P]),
     "ggml_backend_supports_op": (c_bool, [P, P]),
     "ggml_backend_supports_buft": (c_bool, [P, P]),
-    "ggml_backend_tensor_copy_async": (None, [P, P, P, P]),
     "ggml_backend_get_device": (P, [P]),
     # backend: events
     "ggml_backend_event_new": (P, [P]),

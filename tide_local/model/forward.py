@@ -20,23 +20,26 @@ on the host, a pass is a chain of graphs cut at each MoE layer's routing:
 Activations cross graphs through small persistent tensors (ping-pong pairs). Graphs
 are built once per (T, start) and reused for every denoising step of a block.
 
-With expert offload (a device plus the CPU) each MoE layer's experts split in two:
-a device graph runs the resident experts from the slot pool while the CPU runs the
-misses (tide_local.experts.offload); the next graph adds both per-slot outputs.
+Where a MoE layer's routed experts run is the business of the experts executor given at
+construction (``model/experts.py``): all on this backend, or split between device slots
+and the CPU (``tide_local.experts.offload``). The forward only asks it for the per-choice
+outputs and runs it with the routing. Time goes to a ``PhaseTimer`` (``model/timing.py``).
 The embedding rows are looked up on the host: the table stays in the mapped file.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from tide_local import ggml
 from tide_local.architecture import LLaDA2Config
+from tide_local.model.experts import ExpertsExecutor, ResidentExperts, routed_experts  # noqa: F401 (re-export)
 from tide_local.model.router import Routing, route
+from tide_local.model.timing import PhaseTimer
 from tide_local.model.weights import LayerWeights, Weights
 
 F32, F16, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.F16), int(ggml.GGMLType.I32)
@@ -78,16 +81,6 @@ def attention_core(ctx: ggml.Context, q, k_cache, v_cache, capacity: int, n_kv: 
     return ctx.reshape(ctx.cont(ctx.permute(out, 0, 1, 3, 2)), hd * nh, T)  # heads in order
 
 
-def routed_experts(ctx: ggml.Context, stacks: dict, x, ids, weights):
-    """Weighted per-choice expert outputs [H, K, T] of x [H, T] (the weight applied before the
-    linear down); `stacks`: gate/up/down expert stacks, ids I32 [K, T], weights F32 [1, K, T]."""
-    xr = ctx.reshape(x, x.ne[0], 1, x.ne[1])
-    gate = ctx.mul_mat_id(stacks["gate"], xr, ids)  # [M, K, T]
-    up = ctx.mul_mat_id(stacks["up"], xr, ids)
-    act = ctx.mul(ctx.mul(ctx.silu(gate), up), weights)
-    return ctx.mul_mat_id(stacks["down"], act, ids)  # [H, K, T]
-
-
 class KVCache:
     """Per layer K [head_dim, n_kv, capacity] and V stored transposed [capacity, head_dim·n_kv], f32."""
 
@@ -127,24 +120,14 @@ class Pass:
         self.h = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
         self.x = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
         self.final = ctx.new_tensor(F32, ne=(cfg.hidden_size, T), name="final")
-        self.expert_ids = {}
-        self.expert_weights = {}
-        for layer in cfg.moe_layers:
-            self.expert_ids[layer] = ctx.new_tensor(I32, ne=(cfg.n_experts_used, T))
-            self.expert_weights[layer] = ctx.new_tensor(F32, ne=(1, cfg.n_experts_used, T))
-        self.offload = model.offload
-        if self.offload is not None:  # per-slot expert outputs of the device and the CPU share
-            self.y_device = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, T))
-            self.y_cpu = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, T))
-            self._y_cpu_zero = False
+        self.experts = model.experts.for_pass(ctx, T, model.timer)  # its persistent tensors join the state
         self.state_buffer = model.backend.alloc_tensors(ctx)
         self.positions.set(np.arange(start, start + T, dtype=np.int32))
         self.mask.set(attention_mask(start, T, model.block_length, group))
-        self.hit_graphs: dict[int, ggml.Graph] = {}
         self._state_slot: dict[int, int] = {}  # MoE layer → which state pair holds its x
         self.segments = self._build()
         self._lm_heads: dict[int, tuple[ggml.Graph, ggml.Tensor, ggml.Tensor]] = {}
-        self.graphs = [seg.graph for seg in self.segments] + list(self.hit_graphs.values())
+        self.graphs = [seg.graph for seg in self.segments] + list(self.experts.graphs)
         # the largest LM head is reserved with the segments so smaller ones never grow the buffer
         self._lm_head(n_tokens, bind=False)
         model.bind(self.graphs)
@@ -225,16 +208,7 @@ class Pass:
         ctx, cfg, lw = self.ctx, self.model.config, self.model.weights.layers[layer]
         T, K = self.n_tokens, cfg.n_experts_used
         h, x = self.h[slot], self.x[slot]
-        if self.offload is None:
-            per_slot = self._experts(lw.experts, x, self.expert_ids[layer], self.expert_weights[layer])
-        else:
-            pool = self.offload.pools.get(layer)
-            if pool is not None:  # the device share runs in its own graph, concurrently with the CPU's
-                y = self._experts(pool, x, self.expert_ids[layer], self.expert_weights[layer])
-                self.hit_graphs[layer] = ctx.build_graph(ctx.cpy(y, self.y_device))
-                per_slot = ctx.add(self.y_device, self.y_cpu)
-            else:
-                per_slot = self.y_cpu
+        per_slot = self.experts.output(layer, x)  # [H, K, T]
         # sum over the chosen experts, in choice order (the same order for every placement)
         out = ctx.view(per_slot, (cfg.hidden_size, T), (per_slot.nb[2],), 0)
         for j in range(1, K):
@@ -244,100 +218,91 @@ class Pass:
             out = ctx.add(out, ctx.mul_mat(lw.shared_down, shared))
         return ctx.add(h, out)
 
-    def _experts(self, stacks: dict, x, ids, weights):
-        return routed_experts(self.ctx, stacks, x, ids, weights)
-
     def _lm_head(self, n_rows: int, bind: bool = True):
         if n_rows not in self._lm_heads:
-            ctx = ggml.Context(max_tensors=8)
-            rows = ctx.new_tensor(I32, ne=(n_rows,), name="rows", input=True)
-            logits = ctx.mul_mat(self.model.weights.output, ctx.get_rows(self.final, rows))
-            graph = ctx.build_graph(logits)
-            self._lm_heads[n_rows] = (graph, rows, logits)
-            self.graphs.append(graph)
-            if bind:
-                self.model.bind([graph])
+            with self.model.timer.phase("build_lm_head"):
+                self._build_lm_head(n_rows, bind)
         return self._lm_heads[n_rows]
+
+    def _build_lm_head(self, n_rows: int, bind: bool) -> None:
+        ctx = ggml.Context(max_tensors=8)
+        rows = ctx.new_tensor(I32, ne=(n_rows,), name="rows", input=True)
+        logits = ctx.mul_mat(self.model.weights.output, ctx.get_rows(self.final, rows))
+        graph = ctx.build_graph(logits)
+        self._lm_heads[n_rows] = (graph, rows, logits)
+        self.graphs.append(graph)
+        if bind:
+            self.model.bind([graph])
 
     # -- running ----------------------------------------------------------------------------
     def run(self, tokens: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
         """Forward `tokens`; returns logits [len(rows), vocab] (None when rows is None)."""
-        m, cfg = self.model, self.model.config
-        backend, offload = m.backend, self.offload
-        self.embeddings.set(m.weights.embed(tokens))
-        if offload is not None:
-            offload.begin_pass(self.start, self.n_tokens)
-        if m.trace is not None:
-            m.trace.begin_pass(self.start, self.n_tokens, rows is not None)
+        m, cfg, timer = self.model, self.model.config, self.model.timer
+        with timer.phase("embed"):
+            self.embeddings.set(m.weights.embed(tokens))
+        m.experts.begin_pass(self.start, self.n_tokens)
+        if m.routing_observer is not None:
+            m.routing_observer.begin_pass(self.start, self.n_tokens, rows is not None)
+        routing = m.last_routing = {}
         for seg in self.segments:
             if seg.moe_layer is not None:
-                self._experts_inputs(seg.moe_layer)
-            t0 = time.perf_counter()
-            backend.compute(seg.graph)
-            m.compute_seconds += time.perf_counter() - t0
+                with timer.phase("experts"):
+                    self.experts.run(seg.moe_layer, self.x[self._state_slot[seg.moe_layer]], routing[seg.moe_layer])
+            with timer.phase("compute_layers"):
+                m.backend.compute(seg.graph)
             if seg.router_logits is not None:
                 layer = seg.routed_layer
-                lw = m.weights.layers[layer]
-                r = route(seg.router_logits.get().reshape(self.n_tokens, cfg.n_experts), lw.expert_bias,
-                          n_used=cfg.n_experts_used, n_groups=cfg.n_groups, n_groups_used=cfg.n_groups_used,
-                          scale=cfg.routed_scaling_factor)
-                m.pending_routing[layer] = r
-                if m.trace is not None:
-                    m.trace.record(layer, r.experts)
+                with timer.phase("route"):
+                    routing[layer] = r = route(
+                        seg.router_logits.get().reshape(self.n_tokens, cfg.n_experts), m.weights.layers[layer].expert_bias,
+                        n_used=cfg.n_experts_used, n_groups=cfg.n_groups, n_groups_used=cfg.n_groups_used,
+                        scale=cfg.routed_scaling_factor)
+                if m.routing_observer is not None:
+                    m.routing_observer.record(layer, r.experts)
         if rows is None:
             return None
         rows = np.asarray(rows, dtype=np.int32)
         graph, rows_t, logits = self._lm_head(len(rows))
-        t0 = time.perf_counter()
-        backend.compute(graph, {rows_t: rows})
-        m.compute_seconds += time.perf_counter() - t0
-        return logits.get()
+        with timer.phase("compute_lm_head"):
+            m.backend.compute(graph, {rows_t: rows})
+        with timer.phase("logits"):
+            return logits.get()
 
-    def _experts_inputs(self, layer: int) -> None:
-        """Routing → expert inputs; with offload, runs the device and CPU shares of `layer`."""
-        r = self.model.pending_routing[layer]
-        if self.offload is None:
-            self.expert_ids[layer].set(r.experts)
-            self.expert_weights[layer].set(r.weights)
-            return
-        offload = self.offload
-        placement = offload.place(layer, r)
-        future = None
-        if placement.n_misses:
-            slot = self._state_slot[layer]
-            future = offload.start_misses(layer, self.x[slot].get(), r, placement)
-        if layer in self.hit_graphs:
-            self.expert_ids[layer].set(placement.device_ids)
-            self.expert_weights[layer].set(placement.device_weights)
-            t0 = time.perf_counter()
-            self.model.backend.compute(self.hit_graphs[layer])
-            self.model.compute_seconds += time.perf_counter() - t0
-        if future is not None:
-            self.y_cpu.set(offload.wait(future))
-            self._y_cpu_zero = False
-        elif not self._y_cpu_zero:
-            self.y_cpu.set(np.zeros(self.y_cpu.shape, dtype=np.float32))
-            self._y_cpu_zero = True
+
+class RoutingObserver(Protocol):
+    """Sees every pass's routing (a RoutingTrace while one is recorded)."""
+
+    def begin_pass(self, start: int, n_tokens: int, logits: bool) -> None: ...
+
+    def record(self, layer: int, experts: np.ndarray) -> None: ...
+
 
 class LLaDA2Model:
     """The forward of one loaded model on one backend, with its KV cache and pass cache."""
 
-    def __init__(self, model_file, backend: ggml.Backend, block_length: int = 32, *, on_device: bool = False):
-        """`on_device`: `backend` is an accelerator (or the emulated one): the non-expert
-        weights are copied to it; otherwise every weight is used from the mapped file."""
+    def __init__(self, model_file, weights: Weights, backend: ggml.Backend, *, block_length: int = 32,
+                 experts: ExpertsExecutor | None = None, max_positions: int | None = None,
+                 timer: PhaseTimer | None = None):
+        """`weights`: on `backend` (device runs) or the mapped file (CPU runs); `experts`: where the
+        routed experts run (default: all with the weights); `max_positions`: the KV cache's limit
+        (default: the model's context); `timer`: where the phases' time goes."""
         self.file = model_file
         self.config: LLaDA2Config = model_file.config
         self.backend = backend
         self.block_length = block_length
-        self.weights = Weights(model_file, backend if on_device else None)
-        self.offload = None  # an ExpertOffload, set before the first forward
-        self.max_positions = self.config.context_length
-        self.compute_seconds = 0.0  # time inside ggml compute on `backend`
-        self.trace = None  # a RoutingTrace while one is recorded
+        self.weights = weights
+        self.experts = experts if experts is not None else ResidentExperts(weights, self.config)
+        self.max_positions = max_positions or self.config.context_length
+        self.timer = timer if timer is not None else PhaseTimer()
+        self.routing_observer: RoutingObserver | None = None  # set with observe_routing
+        self.last_routing: dict[int, Routing] = {}  # per MoE layer, the last pass's (benchmarks read it)
         self.allocator = ggml.GraphAllocator(backend)
         self.cache: KVCache | None = None
         self._passes: dict[tuple[int, int], Pass] = {}
-        self.pending_routing: dict[int, Routing] = {}
+
+    def observe_routing(self, observer: RoutingObserver | None) -> None:
+        """Show every following pass's routing to `observer` (None: stop)."""
+        self.routing_observer = observer
 
     def bind(self, graphs: list[ggml.Graph]) -> None:
         """Bind graphs in the shared compute buffer; passes bound earlier are dropped if it grew."""
@@ -364,5 +329,6 @@ class LLaDA2Model:
         if p is None:
             if len(self._passes) > 8:
                 self._passes.clear()
-            p = self._passes[key] = Pass(self, len(tokens), start)
+            with self.timer.phase("build_pass"):
+                p = self._passes[key] = Pass(self, len(tokens), start)
         return p.run(tokens, rows)

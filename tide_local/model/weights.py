@@ -59,42 +59,43 @@ class Weights:
         self.device_bytes = 0
         if device is not None:
             self._copy_to(device, model, progress)
-        self._embd = g.tensor_data("token_embd.weight").reshape(cfg.vocab_size, -1)
-        self._embd_type = g.tensors["token_embd.weight"].ggml_type
+        spec_name = {(spec.layer, spec.role): spec.name for spec in model.specs}
+
+        def get(layer: int | None, role: str) -> ggml.Tensor | None:  # None: the layer has no such tensor
+            name = spec_name.get((layer, role))
+            return None if name is None else self.tensors[name]
+
+        embd = spec_name[None, "token_embd"]
+        self._embd = g.tensor_data(embd).reshape(cfg.vocab_size, -1)
+        self._embd_type = g.tensors[embd].ggml_type
         self._embd_n_per_row = cfg.hidden_size
-        get = self.tensors.__getitem__
-        self.token_embd = get("token_embd.weight")
-        self.output_norm = get("output_norm.weight")
-        self.output = get("output.weight")
+        self.token_embd = get(None, "token_embd")
+        self.output_norm = get(None, "output_norm")
+        self.output = get(None, "output")
         self.layers: list[LayerWeights] = []
         for i in range(cfg.n_layers):
-            p = f"blk.{i}."
             layer = LayerWeights(
-                attn_norm=get(p + "attn_norm.weight"),
-                attn_qkv=get(p + "attn_qkv.weight"),
-                attn_q_norm=get(p + "attn_q_norm.weight"),
-                attn_k_norm=get(p + "attn_k_norm.weight"),
-                attn_output=get(p + "attn_output.weight"),
-                ffn_norm=get(p + "ffn_norm.weight"),
+                attn_norm=get(i, "attn_norm"),
+                attn_qkv=get(i, "attn_qkv"),
+                attn_q_norm=get(i, "attn_q_norm"),
+                attn_k_norm=get(i, "attn_k_norm"),
+                attn_output=get(i, "attn_output"),
+                ffn_norm=get(i, "ffn_norm"),
+                ffn_gate=get(i, "ffn_gate"),
+                ffn_up=get(i, "ffn_up"),
+                ffn_down=get(i, "ffn_down"),
+                router=get(i, "router"),
+                shared_gate=get(i, "shared_gate"),
+                shared_up=get(i, "shared_up"),
+                shared_down=get(i, "shared_down"),
             )
             if cfg.is_moe_layer(i):
-                layer.router = get(p + "ffn_gate_inp.weight")
-                layer.expert_bias = np.array(g.tensor_array(p + "exp_probs_b.bias"), dtype=np.float32)
-                layer.experts = {proj: get(architecture.expert_tensor_name(i, proj)) for proj in architecture.EXPERT_PROJECTIONS}
-                if cfg.n_shared_experts:
-                    layer.shared_gate = get(p + "ffn_gate_shexp.weight")
-                    layer.shared_up = get(p + "ffn_up_shexp.weight")
-                    layer.shared_down = get(p + "ffn_down_shexp.weight")
-            else:
-                layer.ffn_gate = get(p + "ffn_gate.weight")
-                layer.ffn_up = get(p + "ffn_up.weight")
-                layer.ffn_down = get(p + "ffn_down.weight")
+                layer.expert_bias = np.array(g.tensor_array(spec_name[i, "expert_bias"]), dtype=np.float32)
+                layer.experts = {proj: get(i, f"expert_{proj}") for proj in architecture.EXPERT_PROJECTIONS}
             self.layers.append(layer)
 
     def _copy_to(self, device: ggml.Backend, model: ModelFile, progress) -> None:
-        stays = {"token_embd.weight"} | {
-            architecture.expert_tensor_name(layer, p) for layer in model.config.moe_layers for p in architecture.EXPERT_PROJECTIONS
-        }
+        stays = {spec.name for spec in model.specs if spec.read_in_part}
         names = [n for n in model.gguf.tensors if n not in stays]
         self.device_context = ggml.Context(max_tensors=len(names) + 8)
         copies = {}

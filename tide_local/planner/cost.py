@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tide_local.experts.policies import LayerSlots, Policy, make_policy
-from tide_local.experts.replay import classify_passes
+from tide_local.experts.policies import DEFAULT_TAU, Policy, refresh_layer
+from tide_local.experts.replay import classify_passes, start_policy
+from tide_local.errors import TraceError
 from tide_local.experts.trace import PassClock, RoutingTrace
 from tide_local.planner.shape import ModelShape
 
@@ -138,26 +139,22 @@ def _blocks(kinds: list[str], starts: list[int]) -> np.ndarray:
     return np.asarray(block, dtype=np.int64)
 
 
-def replay_counts(trace: RoutingTrace, policy: Policy | str, slots: int | dict[int, int], *, tau: int = 4,
+def replay_counts(trace: RoutingTrace, policy: Policy | str, slots: int | dict[int, int], *, tau: int = DEFAULT_TAU,
                   popularity: dict[int, np.ndarray] | None = None) -> PlacementCounts:
-    """Run `policy` over `trace` as the engine would (same Policy and LayerSlots code as
+    """Run `policy` over `trace` as the engine would (the same start and per-layer refresh as
     `tide_local.experts.replay.replay`) and count what the cost model needs."""
     name = policy if isinstance(policy, str) else policy.name
-    if isinstance(policy, str):
-        policy = make_policy(policy, tau, popularity)
     layers = list(trace.moe_layers)
     per_layer = slots if isinstance(slots, dict) else {layer: int(slots) for layer in layers}
     if name == "cpu":
         per_layer = {layer: 0 for layer in layers}
-    layer_slots = {layer: LayerSlots(per_layer[layer], trace.n_experts) for layer in layers}
-    for layer in layers:
-        policy.initial(layer, layer_slots[layer])
+    policy, layer_slots = start_policy(trace, policy, {layer: per_layer[layer] for layer in layers}, tau=tau,
+                                       popularity=popularity)
     kinds = classify_passes(trace)
     P, L = len(trace.passes), len(layers)
     arrays = {k: np.zeros((P, L), dtype=np.int64) for k in ("hits", "misses", "uploads", "cpu", "device")}
     start, step, tokens, logits = (np.zeros(P, dtype=np.int64) for _ in range(4))
     clock = PassClock()
-    E = trace.n_experts
     for i, p in enumerate(trace.passes):
         clock.tick(p["start"])
         start[i], step[i], tokens[i], logits[i] = p["start"], clock.step, p["tokens"], p["logits"]
@@ -166,19 +163,17 @@ def replay_counts(trace: RoutingTrace, policy: Policy | str, slots: int | dict[i
             if experts is None:
                 continue
             s = layer_slots[layer]
-            counts = np.bincount(experts.ravel(), minlength=E)
-            uploads = policy.refresh(s, counts, clock.step, clock.clock) if s.n_slots else []
+            refresh = refresh_layer(policy, s, experts, clock.step, clock.clock)
+            hits, misses, uploads = refresh.tally()
             resident = s.slot_of_expert >= 0
-            used = counts > 0
-            hits = int(counts[resident].sum())
-            misses = experts.size - hits
+            used = refresh.counts > 0
             device = 0
             if s.n_slots:
                 device = int(np.count_nonzero(used & resident))
                 slot0 = s.expert_of_slot[0]
-                if misses and not (slot0 >= 0 and counts[slot0] > 0):
+                if misses and not (slot0 >= 0 and refresh.counts[slot0] > 0):
                     device += 1  # missed rows read slot 0 with weight 0
-            arrays["hits"][i, j], arrays["misses"][i, j], arrays["uploads"][i, j] = hits, misses, len(uploads)
+            arrays["hits"][i, j], arrays["misses"][i, j], arrays["uploads"][i, j] = hits, misses, uploads
             arrays["cpu"][i, j] = int(np.count_nonzero(used & ~resident))
             arrays["device"][i, j] = device
     return PlacementCounts(name, getattr(policy, "tau", None), dict(per_layer), layers, kinds, start, step, tokens,
@@ -309,15 +304,13 @@ def predict_counts(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> 
 
 
 def predict(trace: RoutingTrace, shape: ModelShape, costs: Costs, policy: str, slots: int | dict[int, int], *,
-            tau: int = 4, popularity: dict[int, np.ndarray] | None = None) -> Prediction:
+            tau: int = DEFAULT_TAU, popularity: dict[int, np.ndarray] | None = None) -> Prediction:
     """Predicted costs of `policy` with `slots` per MoE layer (and `tau` for tide) over `trace`."""
     return predict_counts(replay_counts(trace, policy, slots, tau=tau, popularity=popularity), shape, costs)
 
 
 def check_trace(trace: RoutingTrace, shape: ModelShape, source: str = "the trace") -> None:
     """A trace recorded on a model of another shape cannot be replayed for this one."""
-    from tide_local.experts.trace import TraceError
-
     if trace.n_experts != shape.n_experts or trace.n_used != shape.n_experts_used or \
             list(trace.moe_layers) != list(shape.moe_layers):
         raise TraceError(
