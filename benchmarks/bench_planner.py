@@ -4,7 +4,7 @@
     python benchmarks/bench_planner.py --skip-table1   # the measured part only
 
 1. Prediction vs measurement on this machine (emulated device, the tiny demo model):
-   the machine is profiled (`tide_local.planner.profile.measure`), then every policy runs
+   the machine is profiled (`tide_local.calibration.measure.measure`), then every policy runs
    through the engine (`tide_local.load(..., device="emulated")`) on the same prompts,
    each pass (`LLaDA2Model.forward`) timed, the routing recorded. The cost model predicts
    each pass from the profile and the recorded routing; predicted and measured step and
@@ -44,12 +44,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tide_local  # noqa: E402
+from tide_local.calibration.measure import measure  # noqa: E402
+from tide_local.calibration.traces import record_builtin_trace  # noqa: E402
 from tide_local.experts.memory import budget_for_slots  # noqa: E402
 from tide_local.experts.trace import RoutingTrace  # noqa: E402
 from tide_local.modelfile import ModelFile  # noqa: E402
 from tide_local.planner.cost import layer_times, predict_counts, replay_counts  # noqa: E402
-from tide_local.planner.plan import cache_plan, make_plan, model_identity, record_builtin_trace  # noqa: E402
-from tide_local.planner.profile import default_profile_path, load_profile, measure  # noqa: E402
+from tide_local.planner.lookup import cache_plan, model_identity  # noqa: E402
+from tide_local.planner.plan import make_plan  # noqa: E402
+from tide_local.planner.profile import default_profile_path, load_profile  # noqa: E402
 from tide_local.planner.shape import preset_shape, shape_from_file  # noqa: E402
 from tide_local.planner.synth import SynthSpec, calibrate, step_similarity, swap_hit_rate, synthesize  # noqa: E402
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -56,10 +55,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tide_local  # noqa: E402
-from tide_local import ggml  # noqa: E402
 from tide_local.converters.convert import convert  # noqa: E402
 from tide_local.converters.testmodel import build_config, checkpoint_nbytes, make_checkpoint  # noqa: E402
-from tide_local.bench.cpu import plain_token_range  # noqa: E402
+from tide_local.bench.cpu import machine, plain_token_range  # noqa: E402
 from tide_local.bench.ops import OP_KINDS, op_jobs  # noqa: E402
 from tide_local.engine import CachedBlockModel  # noqa: E402
 from tide_local.ggml.backend import usable_cores  # noqa: E402
@@ -362,37 +360,6 @@ def kv_compare(path: Path, threads: int, prompt_len: int, new_tokens: int, repea
 # ---------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        from importlib.metadata import version
-        llama = version("llama-cpp-python")
-    except Exception:
-        llama = None
-    info = ggml.library_info()
-    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return {
-        "cpu": cpu, "isa": isa, "cores": os.cpu_count(), "usable_cores": usable_cores(),
-        "memory_bytes": mem, "python": platform.python_version(), "numpy": np.__version__,
-        "llama_cpp_python": llama, "ggml_version": info.get("version"), "ggml_commit": info.get("commit"),
-    }
-
-
 def _f(x, nd=1):
     return "–" if x is None else f"{x:.{nd}f}"
 
@@ -405,7 +372,7 @@ def render(report: dict) -> str:
         f"`{report['command']}` — {report['date']}",
         "",
         f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['usable_cores']} cores, "
-        f"{human_bytes(m['memory_bytes'] or 0)} RAM; Python {m['python']}, numpy {m['numpy']}, "
+        f"{human_bytes(m['ram_bytes'] or 0)} RAM; Python {m['python']}, numpy {m['numpy']}, "
         f"ggml {m['ggml_version']} (llama-cpp-python {m['llama_cpp_python']}), CPU backend.",
         "",
         f"## ms per denoising step (32-token block, {report['context']} tokens in the KV cache)",

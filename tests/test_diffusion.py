@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -248,6 +250,60 @@ def test_stop_id_past_max_new_tokens_is_cut():
     )
     assert len(result.tokens) == 20 and EOS not in result.tokens
     assert result.stats.finish_reason == "length"
+
+
+def test_block_answers_add_up_to_the_answer_and_stop_at_the_stop_id():
+    prompt = list(range(10, 20))
+    events = list(iter_decode(WindowModel(table_logits({10 + 40: EOS})), prompt, DecodeOptions(max_new_tokens=200),
+                              mask_id=MASK, stop_ids=[EOS]))
+    blocks = [e for e in events if isinstance(e, BlockEvent)]
+    assert [len(b.answer) for b in blocks] == [22, 19]  # prompt tail cut from the first, stop id ends the second
+    assert blocks[-1].answer[-1] == EOS
+    assert np.concatenate([b.answer for b in blocks]).tolist() == events[-1].tokens
+
+
+def test_cancel_ends_with_the_finished_blocks():
+    import threading
+
+    prompt, options = [1, 2, 3], DecodeOptions(max_new_tokens=100)
+    cancel = threading.Event()
+    events = []
+    for event in iter_decode(WindowModel(table_logits()), prompt, options, mask_id=MASK, stop_ids=[], cancel=cancel):
+        events.append(event)
+        if isinstance(event, StepEvent) and event.block_index == 1:
+            cancel.set()  # the consumer cancels in the middle of the second block
+    result = events[-1]
+    assert result.stats.finish_reason == "cancelled"
+    assert sum(isinstance(e, StepEvent) and e.block_index == 1 for e in events) == 1  # no step after the cancel
+    first = [e for e in events if isinstance(e, BlockEvent)]
+    assert len(first) == 1 and result.stats.blocks == 1 and result.tokens == first[0].answer.tolist()
+    full = decode(WindowModel(table_logits()), prompt, options, mask_id=MASK, stop_ids=[])
+    assert full.tokens[:29] == result.tokens and len(result.tokens) == 29
+
+
+def test_options_table_drives_flags_validation_and_defaults():
+    import argparse
+
+    from tide_local.diffusion.options import OptionValueError, add_decoding_arguments, flag_of, option_specs
+
+    specs = option_specs()
+    assert set(specs) == {f.name for f in dataclasses.fields(DecodeOptions)}
+    parser = argparse.ArgumentParser()
+    add_decoding_arguments(parser, max_new_tokens=7)
+    args = parser.parse_args([])
+    flagged = [n for n, s in specs.items() if s.flag]
+    assert "block_length" not in flagged and set(flagged) <= set(vars(args))
+    assert args.max_new_tokens == 7 and all(getattr(args, n) is None for n in flagged if n != "max_new_tokens")
+    assert parser.parse_args(["-n", "3", "--top-k", "5"]).top_k == 5
+    assert flag_of("max_new_tokens") == "-n/--max-new-tokens" and flag_of("top_p") == "--top-p"
+    # the model's defaults apply where nothing is given; None means "not given"
+    opts = DecodeOptions.build({"threshold": None, "top_k": 3}, {"threshold": 0.5, "steps": 16, "block_length": 32})
+    assert (opts.threshold, opts.steps, opts.top_k) == (0.5, 16, 3)
+    with pytest.raises(TypeError, match="unknown generation option: speed"):
+        DecodeOptions.build({"speed": 2})
+    with pytest.raises(OptionValueError) as err:
+        DecodeOptions.build({"top_p": 2.0})
+    assert err.value.name == "top_p" and "top_p must be in (0, 1]" in str(err.value)
 
 
 def test_stop_id_in_prompt_tail_is_ignored():
@@ -518,6 +574,8 @@ def _check_event_stream(model, prompt, options, mask_id):
     assert stats.prompt_tokens == P
     canvas = np.concatenate([b.tokens for b in blocks])
     assert result.tokens == canvas[P - blocks[0].start :][: options.max_new_tokens].tolist()
+    # the blocks' answers are the answer, cut where it is
+    assert np.concatenate([b.answer for b in blocks]).tolist() == result.tokens
 
 
 @pytest.mark.parametrize("prompt_len", [1, 32, 50])

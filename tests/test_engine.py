@@ -150,6 +150,40 @@ def test_logits_context_limit(engine):
         engine.logits([1] * (engine.config.context_length + 1))
 
 
+def test_one_context_limit_checked_before_work_names_the_fix(checkpoint, tmp_path):
+    from tide_local.errors import ContextError
+
+    path = tmp_path / "tiny.gguf"
+    convert(checkpoint, path, "f32", progress=False)
+    with tide_local.load(path, threads=1, n_ctx=64) as eng:
+        assert eng.n_ctx == 64
+        with pytest.raises(ContextError, match="--ctx 96") as err:
+            eng.stream([1] * 40, max_new_tokens=50)  # raised at the call, before any event
+        assert "n_ctx=96" in str(err.value)
+        assert eng.model.cache is None  # nothing was forwarded
+        with pytest.raises(ContextError, match="shorten the prompt"):
+            eng.generate([1] * 40, max_new_tokens=eng.config.context_length)
+        with pytest.raises(ContextError):
+            eng.logits([1] * 65)
+        assert len(eng.generate([1] * 10, max_new_tokens=20).tokens) <= 20  # 32 positions fit
+
+
+def test_api_signatures_teach_their_parameters(engine):
+    import inspect
+
+    from tide_local.diffusion import option_specs
+
+    load = inspect.signature(tide_local.load).parameters
+    assert {"device", "gpu_memory", "policy", "tau", "threads", "n_ctx", "expert_slots"} <= set(load)
+    for method in (tide_local.Engine.generate, tide_local.Engine.stream, tide_local.Engine.chat):
+        params = inspect.signature(method).parameters
+        assert set(option_specs()) <= set(params), method
+        assert all(name in method.__doc__ for name in option_specs())
+    with pytest.raises(TypeError, match="unknown generation option"):
+        engine.generate([1, 2], speed=3)
+    assert tide_local.GenerationResult is GenerationResult and "token ids" in GenerationResult.__doc__
+
+
 def test_quantized_model_is_close(checkpoint, reference, tmp_path):
     path = tmp_path / "q8.gguf"
     convert(checkpoint, path, "q8_0", progress=False)

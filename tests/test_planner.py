@@ -13,12 +13,13 @@ import pytest
 import tide_local
 from tide_local.converters.convert import convert
 from tide_local.converters.testmodel import build_config, make_checkpoint
+from tide_local.errors import ProfileError
 from tide_local.experts.replay import replay
 from tide_local.experts.trace import RoutingTrace
 from tide_local.architecture import LLaDA2Config
 from tide_local.planner.cost import Costs, layer_times, predict, replay_counts
 from tide_local.planner.milp import brute_force, build_cost_table, paper_program, solve
-from tide_local.planner.profile import Profile, ProfileError, load_profile, preset_names
+from tide_local.planner.profile import Profile, load_profile, preset_names
 from tide_local.planner.shape import preset_shape, shape_from_config, shape_from_file
 from tide_local.planner.synth import SynthSpec, calibrate, step_similarity, synthesize
 
@@ -176,7 +177,7 @@ def test_planned_per_layer_slots_run_in_the_engine_and_are_counted_exactly(model
     """`tide plan` caches a plan; the engine's tau="auto" runs it (per-layer slots and tau), and
     the cost model's counts for that placement equal the engine's statistics."""
     from tide_local.cli import main as tide
-    from tide_local.planner.plan import plan_dir
+    from tide_local.planner.lookup import plan_dir
     from tide_local.planner.profile import default_profile_path
 
     # uploads priced high and CPU rows cheap in one layer's worth: the program leaves the budget uneven

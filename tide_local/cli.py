@@ -12,8 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("tide_local.converters.convert", "convert a Hugging Face LLaDA2.0 checkpoint to GGUF"),
     "info": ("tide_local.info", "show and validate a LLaDA2 GGUF file"),
     "generate": ("tide_local.generate_cli", "generate text from a prompt (streamed block by block)"),
-    "profile": ("tide_local.planner.profile", "measure upload, CPU and device expert costs on this machine"),
-    "plan": ("tide_local.planner.plan", "choose TIDE's refresh interval and per-layer expert slots for a budget"),
+    "profile": ("tide_local.calibration.profile_cli", "measure upload, CPU and device expert costs on this machine"),
+    "plan": ("tide_local.calibration.plan_cli", "choose TIDE's refresh interval and per-layer expert slots for a budget"),
     "bench": ("tide_local.bench.cli", "time a denoising step on the CPU: bandwidth floor, llama.cpp, tokens/s"),
     "chat": ("tide_local.tui.cli", "chat in the terminal, watching each block denoise"),
 }

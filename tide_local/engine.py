@@ -95,8 +95,8 @@ def _decoding_keywords(func):
     sig = inspect.signature(func)
     params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     for name, spec in specs.items():
-        annotation = f"{spec.kind.__name__} | None"
-        default = option_default(name) if not spec.model_default else None
+        default = None if spec.model_default else option_default(name)
+        annotation = f"{spec.kind.__name__} | None" if default is None else spec.kind.__name__
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     func.__signature__ = sig.replace(parameters=params)
     lines = [f"    {name}: {spec.help}" + (" [the model's default when None]" if spec.model_default else "")

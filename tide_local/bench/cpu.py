@@ -22,11 +22,13 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
 import tide_local
+from tide_local import ggml
 from tide_local.bench.bandwidth import read_bandwidth
 from tide_local.bench.ops import OP_KINDS, op_jobs
 from tide_local.engine import CachedBlockModel
@@ -64,18 +66,32 @@ def memory_status() -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    """This machine for a benchmark report: CPU model and vector ISA, cores, RAM, load, and
+    the versions of Python, numpy, llama-cpp-python and the loaded libggml."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
                     cpu = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": ram, "python": platform.python_version(),
-            "numpy": np.__version__, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        ram = None
+    try:
+        llama = version("llama-cpp-python")
+    except PackageNotFoundError:
+        llama = None
+    info = ggml.library_info()
+    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "usable_cores": usable_cores(), "ram_bytes": ram,
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "python": platform.python_version(), "numpy": np.__version__, "llama_cpp_python": llama,
+            "ggml_version": info.get("version"), "ggml_commit": info.get("commit")}
 
 
 def plain_token_range(eng) -> int:
@@ -222,7 +238,7 @@ def render(report: dict) -> str:
     m, info = report["machine"], report.get("model_info", {})
     lines = [f"Model: `{Path(report['model']).name}` ({info.get('type', '?')}, {_gib(info.get('file_bytes', 0))}, "
              f"{info.get('layers')} layers, {info.get('experts_used')} of {info.get('experts')} experts per token)",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {_gib(m['ram_bytes'])} RAM; load average {m['load_average']}",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {_gib(m['ram_bytes'] or 0)} RAM; load average {m['load_average']}",
              ""]
     has_llama = any("llama_cpp_ms" in r for r in report["rows"])
     head = ["context", "threads", "ms/step", "min", "experts/layer", "MB read", "GB/s", "read bw GB/s",

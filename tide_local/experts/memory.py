@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tide_local import architecture
-from tide_local.errors import BudgetError, TideError
+from tide_local.errors import BudgetError
 from tide_local.modelfile import ModelFile
 from tide_local.units import human_bytes, parse_size
 

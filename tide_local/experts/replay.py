@@ -1,10 +1,10 @@
 """Replay a placement policy over a routing trace, exactly as the engine would run it.
 
 The engine's statistics (hits, misses, uploads per pass and layer) depend only on the
-routing and the policy, so a recorded trace replayed through the same `Policy` and
-`LayerSlots` code reproduces them without running the model: this is how policies and
-refresh intervals are compared on a large model, and what the planner's cost model
-counts.
+routing and the policy, so a recorded trace replayed through the same `Policy`,
+`LayerSlots` and per-layer counting (`refresh_layer`, which `HybridExperts.place` uses)
+reproduces them without running the model: this is how policies and refresh intervals
+are compared on a large model, and what the planner's cost model counts.
 """
 
 from __future__ import annotations
