@@ -173,17 +173,28 @@ def test_escape_stops_the_answer_and_keeps_what_was_done():
 
 
 def test_quit_while_answering_waits_for_the_step_and_closes_the_model():
+    """Quit while a step is in flight: the answer is held after its 5th step until the quit has
+    asked the turn to stop, so the quit always meets a running answer, however fast the machine."""
     app = make_app(max_new_tokens=256)
+    turns = []
+
+    def release_when_stopped(turn, release):
+        turn.stop.wait(60)
+        release.set()
 
     async def scenario(pilot):
         await ready(pilot)
+        reached, release, _ = gate_stream(app, after_steps=5)
         await say(pilot, "Tell me a long story", wait=False)
-        await until(pilot, lambda: app.turn is not None and app.turn.live is not None
-                    and app.turn.live.snapshot().steps >= 5)
+        await until(pilot, reached.is_set)
+        turns.append(app.turn)
+        assert app.generating and app.engine is not None
+        threading.Thread(target=release_when_stopped, args=(app.turn, release), daemon=True).start()
         await pilot.press("ctrl+q")
 
     run(app, scenario)
     assert not app.is_running and app.engine is None
+    assert turns[0].stop.is_set()
 
 
 def test_reset_empties_the_history():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tide_local import architecture
 from tide_local.errors import OutputPathError, TideError
+from tide_local.paths import cache_dir  # noqa: F401 (where the demo model is cached)
 
 # Bump when the demo checkpoint or its conversion changes.
 DEMO_VERSION = 1
@@ -33,16 +34,6 @@ DEMO_PRESET = "tiny"
 DEMO_TYPE = "q8_0"
 
 NOTE = "building the demo model (random weights: its output is noise) ..."
-
-
-def cache_dir() -> Path:
-    """Where tide-local caches files (see the module docstring)."""
-    explicit = os.environ.get("TIDE_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "tide-local"
 
 
 def demo_file_name() -> str:

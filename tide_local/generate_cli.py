@@ -8,7 +8,7 @@ import os
 import sys
 from itertools import chain
 
-from tide_local.errors import TideError, UsageError
+from tide_local.errors import UsageError
 
 DESCRIPTION = """\
 Generate text with a LLaDA2 GGUF (written by `tide convert`). The prompt goes through the

@@ -100,7 +100,7 @@ class ModelFile:
         """Weight bytes one forward reads: every matrix outside the expert stacks except the
         embedding table (only its rows are looked up), plus the distinct routed experts the
         forward's tokens chose in each MoE layer (`distinct_experts`: layer -> count)."""
-        fixed = self.non_expert_bytes() - self.tensor("token_embd.weight").nbytes
+        fixed = self.non_expert_bytes() - self.tensor(architecture.tensor_name("token_embd")).nbytes
         return fixed + sum(n * self.one_expert_bytes(layer) for layer, n in distinct_experts.items())
 
     def decoding_defaults(self) -> dict:

@@ -22,7 +22,7 @@ PLAN_VERSION = 1
 
 
 def plan_dir() -> Path:
-    from tide_local.demo import cache_dir
+    from tide_local.paths import cache_dir
 
     return cache_dir() / "plans"
 
@@ -44,7 +44,7 @@ def plan_path(identity: dict, budget: int, n_ctx: int, profile_digest: str) -> P
 
 def builtin_trace_path(identity: dict) -> Path:
     """Where `tide plan` caches the routing it records on its built-in prompts for a model."""
-    from tide_local.demo import cache_dir
+    from tide_local.paths import cache_dir
 
     return cache_dir() / "traces" / f"{plan_key(identity, 0, 0, 'builtin-prompts')}.json"
 

@@ -41,7 +41,7 @@ SIGNATURE_FIELDS = ("n_experts", "n_experts_used", "hidden_size", "expert_ffn_di
 
 
 def profile_dir() -> Path:
-    from tide_local.demo import cache_dir
+    from tide_local.paths import cache_dir
 
     return cache_dir() / "profiles"
 

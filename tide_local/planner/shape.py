@@ -84,11 +84,9 @@ def shape_from_file(model) -> ModelShape:
     expert_bytes = max((sum(model.experts(layer, p).slice_bytes for p in architecture.EXPERT_PROJECTIONS) for layer in moe),
                        default=0)
     layer_bytes = 0
-    if moe:
-        prefix = f"blk.{moe[0]}."
-        experts = {architecture.expert_tensor_name(moe[0], p) for p in architecture.EXPERT_PROJECTIONS}
-        layer_bytes = sum(t.nbytes for name, t in model.gguf.tensors.items()
-                          if name.startswith(prefix) and name not in experts)
+    if moe:  # what one MoE layer reads whole (its expert stacks are read in part)
+        layer_bytes = sum(model.tensor(spec.name).nbytes for spec in model.specs
+                          if spec.layer == moe[0] and not spec.read_in_part)
     gate = model.experts(moe[0], "gate").tensor.type_name if moe else "none"
     plan = plan_memory(model, 1 << 62, 32, max_slots=0)
     kv = kv_cache_bytes(cfg, 32) + compute_reserve(cfg, 32)
@@ -110,18 +108,17 @@ def shape_from_config(cfg: architecture.LLaDA2Config, weight_type: str = "bf16",
         raise ValueError(f"unknown weight type '{weight_type}' (choose from {', '.join(BYTES_PER_WEIGHT)})")
     bpw = BYTES_PER_WEIGHT[weight_type]
     moe = tuple(cfg.moe_layers)
-    expert_names = {architecture.expert_tensor_name(layer, p) for layer in moe for p in architecture.EXPERT_PROJECTIONS}
     non_expert = 0
     layer_bytes = 0
     for spec in architecture.tensor_specs(cfg):
-        if spec.name in expert_names or spec.name == "token_embd.weight":
+        if spec.read_in_part:  # the experts and the embedding table stay in the mapped file
             continue
         n = 1
         for d in spec.ne:
             n *= d
         nbytes = int(n * (4 if spec.always_f32 else bpw))
         non_expert += nbytes
-        if moe and spec.name.startswith(f"blk.{moe[0]}."):
+        if moe and spec.layer == moe[0]:
             layer_bytes += nbytes
     expert_bytes = int(3 * cfg.hidden_size * cfg.expert_ffn_dim * bpw)
     shape = ModelShape(
