@@ -207,9 +207,9 @@ class Recorder:
         self.calls.append(("prefill", np.array(tokens)))
         self.inner.prefill(tokens)
 
-    def block_logits(self, block, start, rows):
-        self.calls.append(("logits", np.array(block), start, np.array(rows)))
-        return self.inner.block_logits(block, start, rows)
+    def block_logits(self, block, start, rows, step=0):
+        self.calls.append(("logits", np.array(block), start, np.array(rows), step))
+        return self.inner.block_logits(block, start, rows, step)
 
     def commit_block(self, block, start):
         self.calls.append(("commit", np.array(block), start))
@@ -319,12 +319,15 @@ def test_model_protocol_calls():
     kind, tokens = model.calls[0]
     assert kind == "prefill" and tokens.dtype == np.int32 and tokens.tolist() == prompt[:64]
     assert all(c[0] != "prefill" for c in model.calls[1:])
+    steps = {}
     for call in model.calls:
         if call[0] == "logits":
-            _, block, start, rows = call
+            _, block, start, rows, step = call
             assert block.dtype == np.int32 and block.shape == (32,)
             assert rows.tolist() == np.flatnonzero(block == MASK).tolist()
             assert start % 32 == 0 and (start + rows >= 70).all()
+            assert step == steps.get(start, 0)  # the decoder says which step of the block this is
+            steps[start] = step + 1
     commits = [c for c in model.calls if c[0] == "commit"]
     assert [c[2] for c in commits] == [64, 96]  # blocks 2, 3; block 4 (last) is not committed
     assert commits[0][1][:6].tolist() == prompt[64:]

@@ -219,3 +219,32 @@ def test_deep_model_with_offload_builds_its_graphs(tmp_path):
     with tide_local.load(path, device="emulated", policy="tide", expert_slots=4, n_ctx=N_CTX, threads=2) as eng:
         res = eng.generate(PROMPT[:20], max_new_tokens=8)
         assert len(res.tokens) == 8 and 0 < res.stats.offload.hit_rate < 1
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_tide_refreshes_at_each_blocks_steps_0_tau_2tau_and_never_on_a_commit(model_path, reference_tokens, kv_cache):
+    """The decoder tells the offload which block and step a pass is: with or without the KV
+    cache, in every generation, TIDE (tau 3) refreshes at steps 0, 3, 6, ... of each block."""
+    opts = dict(max_new_tokens=80, threshold=1.0, steps=8)  # 4 tokens a step: 8 steps per block
+    with tide_local.load(model_path, device="emulated", policy="tide", tau=3, expert_slots=4, n_ctx=N_CTX,
+                         threads=2) as eng:
+        first, second = (eng.generate(PROMPT, kv_cache=kv_cache, **opts) for _ in range(2))
+    assert first.tokens == second.tokens
+    for res in (first, second):
+        log = res.stats.offload.per_step
+        steps = [e for e in log if e["kind"] == "step"]
+        blocks = sorted({e["block"] for e in steps})
+        assert blocks == list(range(len(PROMPT) // 32, len(PROMPT) // 32 + len(blocks))) and len(blocks) == 3
+        assert res.stats.steps_per_block == (6, 8, 8)  # the first block holds the prompt's 8-token tail
+        for block, n in zip(blocks, res.stats.steps_per_block):  # steps count from 0 in every block
+            assert [e["step"] for e in steps if e["block"] == block] == list(range(n))
+        refreshed = {e["step"] for e in steps if any(u for _, _, u in e["layers"].values())}
+        assert 0 in refreshed and refreshed <= {0, 3, 6}
+        commits = [e for e in log if e["commit"]]
+        assert len(commits) == (2 if kv_cache else 0)  # no commit pass without the cache
+        assert all(u == 0 for e in commits for _, _, u in e["layers"].values())
+        # a commit's misses still run on the CPU
+        assert all(h + m == e["tokens"] * eng.config.n_experts_used for e in commits for h, m, _ in e["layers"].values())
+    # the second generation starts where the first started: its step 0 still refreshes
+    first_step = next(e for e in second.stats.offload.per_step if e["kind"] == "step")
+    assert first_step["step"] == 0 and any(u for _, _, u in first_step["layers"].values())

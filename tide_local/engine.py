@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from tide_local import ggml
-from tide_local.diffusion import BlockEvent, DecodeOptions, DecodeResult, StepEvent, WindowModel, iter_decode
+from tide_local.diffusion import (BlockEvent, DecodeOptions, DecodeResult, PassInfo, StepEvent, WindowModel,
+                                  iter_decode)
 from tide_local.diffusion.options import option_default, option_specs
 from tide_local.errors import BudgetError, ContextError, DeviceError
 from tide_local.experts.memory import MemoryPlan, budget_for_slots, parse_memory, plan_memory
@@ -36,7 +37,8 @@ DEFAULT_CONTEXT = 4096
 
 
 class CachedBlockModel:
-    """The decoder's view of the model: prefill, per-step block logits, block commits."""
+    """The decoder's view of the model: prefill, per-step block logits, block commits, each
+    forward told what it is for (PassInfo: the expert offload refreshes by it)."""
 
     def __init__(self, model: LLaDA2Model, block_length: int):
         self.model = model
@@ -44,10 +46,10 @@ class CachedBlockModel:
         self.forwards = 0
         self.forwarded_tokens = 0
 
-    def _forward(self, tokens, start, rows=None):
+    def _forward(self, tokens, start, info: PassInfo, rows=None):
         self.forwards += 1
         self.forwarded_tokens += len(tokens)
-        return self.model.forward(tokens, start, rows=rows)
+        return self.model.forward(tokens, start, rows=rows, info=info)
 
     def prefill(self, tokens: np.ndarray) -> None:
         cfg, n = self.model.config, len(tokens)
@@ -58,13 +60,25 @@ class CachedBlockModel:
         chunk = PREFILL_SCORE_BYTES // (4 * cfg.n_heads * n)
         chunk = max(self.block_length, min(512, chunk) // self.block_length * self.block_length)
         for start in range(0, n, chunk):
-            self._forward(tokens[start:start + chunk], start)
+            self._forward(tokens[start:start + chunk], start, PassInfo("prefill"))
 
-    def block_logits(self, block: np.ndarray, start: int, rows: np.ndarray) -> np.ndarray:
-        return self._forward(block, start, rows)
+    def block_logits(self, block: np.ndarray, start: int, rows: np.ndarray, step: int = 0) -> np.ndarray:
+        return self._forward(block, start, PassInfo("step", start // self.block_length, step), rows)
 
     def commit_block(self, block: np.ndarray, start: int) -> None:
-        self._forward(block, start)
+        self._forward(block, start, PassInfo("commit", start // self.block_length))
+
+
+class RecomputeBlockModel(WindowModel):
+    """Without the KV cache: every step forwards the whole window from position 0 (a check of
+    the cache; the paper's own regime), each forward still told its block and step."""
+
+    def __init__(self, model: LLaDA2Model, block_length: int):
+        super().__init__(None, block_length)
+        self.model = model
+
+    def window_logits(self, window: np.ndarray, rows: np.ndarray, info: PassInfo) -> np.ndarray:
+        return self.model.forward(window, 0, rows=rows, info=info)
 
 
 def _resolve_device(device: str, threads: int):
@@ -174,8 +188,10 @@ class Engine:
         plan = plan_memory(self.file, budget, self.n_ctx, max_slots=0 if policy == "cpu" else None)
         if policy == "resident" and any(n < self.config.n_experts for n in plan.slots.values()):
             need = plan.fixed_bytes + plan.expert_bytes * len(plan.slots) * self.config.n_experts
-            raise BudgetError(f"policy 'resident' keeps every expert on the device: it needs {need / 2**30:.2f} GiB "
-                              f"(the budget is {budget / 2**30:.2f} GiB)")
+            from tide_local.units import human_bytes  # MiB below 1 GiB, not "0.04 GiB"
+
+            raise BudgetError(f"policy 'resident' keeps every expert on the device: it needs {human_bytes(need)} "
+                              f"(the budget is {human_bytes(budget)})")
         return plan
 
     @staticmethod
@@ -255,7 +271,7 @@ class Engine:
         if kv_cache:
             block_model = CachedBlockModel(self.model, opts.block_length)
         else:
-            block_model = WindowModel(lambda toks, rows: self.model.forward(toks, 0, rows=rows), opts.block_length)
+            block_model = RecomputeBlockModel(self.model, opts.block_length)
         if self.offload is not None:
             self.offload.reset_stats()
         self.timer.reset()

@@ -15,14 +15,13 @@ are part of it).
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from tide_local import ggml
 from tide_local.calibration.fitting import Evidence, ExpertCosts, assemble_costs, fit_expert_costs, timed
-from tide_local.experts.offload import CpuExperts, Placement
+from tide_local.experts.offload import CpuExperts, Placement, padded_rows
 from tide_local.model.experts import routed_experts
 from tide_local.model.router import Routing
 from tide_local.planner.shape import ModelShape
@@ -137,7 +136,7 @@ def _fit_side(bench: ExpertBench, name: str, title: str, points: list[tuple[int,
 
 
 def measure_cpu_experts(bench: ExpertBench, evidence: Evidence, log) -> ExpertCosts:
-    """The CPU share of a layer by missed rows (padded to a power of two, as the engine does)
+    """The CPU share of a layer by missed rows (padded as the engine pads them, `padded_rows`)
     and distinct experts: ``c0 + c1·experts·expert_bytes + c2·padded rows·flops``."""
     grid = [(rows, d) for rows in ROWS
             for d in sorted({min(x, bench.E) for x in (1, max(1, rows // 4), max(1, rows // 2), rows)})]
@@ -145,7 +144,7 @@ def measure_cpu_experts(bench: ExpertBench, evidence: Evidence, log) -> ExpertCo
     for rows, d in grid:
         job = bench.cpu_job(rows, d)
         seconds.append(bench.mean_over_layers(lambda layer, job=job: bench.run_cpu(layer, job)))
-    padded = [2 ** math.ceil(math.log2(rows)) for rows, _ in grid]
+    padded = [padded_rows(rows) for rows, _ in grid]
     return _fit_side(bench, "cpu_experts", "[2/4] CPU experts", grid, seconds, evidence, log, fit_rows=padded)
 
 

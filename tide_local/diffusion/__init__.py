@@ -4,7 +4,7 @@
 blocks); :class:`WindowModel` adapts a cache-free whole-window logits function to it.
 """
 
-from .blockmodel import BlockModel, WindowModel
+from .blockmodel import BlockModel, PassInfo, WindowModel
 from .decoder import BlockEvent, DecodeResult, DecodeStats, FinishReason, StepEvent, decode, iter_decode
 from .options import DecodeOptions, OptionValueError, option_specs
 from .sampling import transfer_schedule
@@ -12,6 +12,7 @@ from .sampling import transfer_schedule
 __all__ = [
     "BlockModel",
     "WindowModel",
+    "PassInfo",
     "DecodeOptions",
     "StepEvent",
     "BlockEvent",

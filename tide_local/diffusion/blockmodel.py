@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["BlockModel", "WindowModel"]
+__all__ = ["BlockModel", "WindowModel", "PassInfo"]
+
+PassKind = Literal["prefill", "step", "commit", "forward"]
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """What one forward pass is for, as the decoder knows it (and the expert offload needs:
+    TIDE refreshes at a block's steps 0, tau, 2 tau, ... and never on a commit).
+
+    kind: ``prefill`` (a chunk of the prompt's full blocks), ``step`` (a denoising step of
+    block ``block``, its ``step``-th, counted from 0 in every block and every generation),
+    ``commit`` (the finished block's K/V written once more with its final tokens) or
+    ``forward`` (a plain forward outside decoding, e.g. ``Engine.logits``)."""
+
+    kind: PassKind
+    block: int = -1  # the block being decoded (its index from position 0); -1 when none
+    step: int = 0
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether the offload may change its resident experts before this pass."""
+        return self.kind != "commit"
+
+    @classmethod
+    def plain(cls) -> "PassInfo":
+        return cls("forward")
 
 
 @runtime_checkable
@@ -25,11 +52,12 @@ class BlockModel(Protocol):
         """Reset the cache and write the K/V of ``tokens`` (int32, the prompt's full blocks at
         positions 0..n-1, n a multiple of ``block_length``, possibly 0)."""
 
-    def block_logits(self, block: np.ndarray, start: int, rows: np.ndarray) -> np.ndarray:
+    def block_logits(self, block: np.ndarray, start: int, rows: np.ndarray, step: int = 0) -> np.ndarray:
         """Logits of the active block. ``block``: int32 ``[block_length]`` at absolute positions
         ``start..start+block_length-1``, attending to the cache (everything before ``start``) and to
         the whole block. ``rows``: ascending int64 indices into the block (its masked positions).
-        Returns float32 ``[len(rows), vocab]``."""
+        ``step``: the denoising step within the block (0 at its first). Returns float32
+        ``[len(rows), vocab]``."""
 
     def commit_block(self, block: np.ndarray, start: int) -> None:
         """The block is final: write its K/V into the cache at ``start``."""
@@ -47,6 +75,7 @@ class WindowModel:
     prompt's full blocks, ``block_logits`` forwards them + earlier blocks + the active block, and
     ``commit_block`` appends the block. ``forwards`` counts ``logits_fn`` calls and
     ``forwarded_tokens`` the tokens they covered, for comparisons with a cached model.
+    A subclass that needs to know which step a forward is for overrides ``window_logits``.
     """
 
     def __init__(self, logits_fn: LogitsFn, block_length: int = 32):
@@ -81,16 +110,21 @@ class WindowModel:
             raise ValueError(f"block at {start} does not follow the committed tokens (0..{self._tokens.size - 1})")
         return block
 
-    def block_logits(self, block: np.ndarray, start: int, rows: np.ndarray) -> np.ndarray:
+    def block_logits(self, block: np.ndarray, start: int, rows: np.ndarray, step: int = 0) -> np.ndarray:
         block = self._check(block, start)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         window = np.concatenate([self._tokens, block])
         self.forwards += 1
         self.forwarded_tokens += window.size
-        logits = np.asarray(self.logits_fn(window, start + rows), dtype=np.float32)
+        info = PassInfo("step", start // self.block_length, step)
+        logits = np.asarray(self.window_logits(window, start + rows, info), dtype=np.float32)
         if logits.ndim != 2 or logits.shape[0] != rows.size:
             raise ValueError(f"logits_fn returned shape {logits.shape} for {rows.size} rows")
         return logits
+
+    def window_logits(self, window: np.ndarray, rows: np.ndarray, info: PassInfo) -> np.ndarray:
+        """Forward the whole window for the pass `info` (a step of the active block)."""
+        return self.logits_fn(window, rows)
 
     def commit_block(self, block: np.ndarray, start: int) -> None:
         self._tokens = np.concatenate([self._tokens, self._check(block, start)])

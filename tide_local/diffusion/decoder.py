@@ -201,7 +201,7 @@ def _run(
             rows = np.flatnonzero((block == mask_id) & free)
             if rows.size == 0:
                 break
-            logits = np.asarray(model.block_logits(block.copy(), start, rows))
+            logits = np.asarray(model.block_logits(block.copy(), start, rows, step))
             if logits.ndim != 2 or logits.shape[0] != rows.size:
                 raise ValueError(f"block_logits returned shape {logits.shape} for {rows.size} rows")
             chosen, confidence = choose_tokens(

@@ -23,7 +23,7 @@ import numpy as np
 from tide_local import ggml, architecture
 from tide_local.experts.memory import MemoryPlan
 from tide_local.experts.policies import LayerSlots, Policy, refresh_layer
-from tide_local.experts.trace import PassClock
+from tide_local.diffusion.blockmodel import PassInfo
 from tide_local.model.experts import routed_experts
 from tide_local.model.router import Routing
 from tide_local.model.timing import PhaseTimer
@@ -46,6 +46,10 @@ class Placement:
     def n_misses(self) -> int:
         return len(self.miss_tokens)
 
+    @property
+    def n_hits(self) -> int:
+        return self.device_ids.size - self.n_misses
+
 
 @dataclass
 class OffloadCounters:
@@ -60,6 +64,16 @@ class OffloadCounters:
     def add(self, layer: int, **counts: int) -> None:
         old = self.layers.get(layer, LayerOffload())
         self.layers[layer] = LayerOffload(**{k: getattr(old, k) + counts.get(k, 0) for k in vars(old)})
+
+
+# The CPU share's graphs are built per row count, padded up to a multiple of this: few graphs,
+# and at most 7 wasted rows (padding rows run a valid expert with weight 0, output ignored).
+MISS_ROW_QUANTUM = 8
+
+
+def padded_rows(n):
+    """Rows the CPU share computes for `n` missed (token, choice) rows (ints or an array)."""
+    return -(-n // MISS_ROW_QUANTUM) * MISS_ROW_QUANTUM
 
 
 class CpuExperts:
@@ -92,7 +106,7 @@ class CpuExperts:
         n = placement.n_misses
         if n == 0:
             return y
-        rows = 1 << (n - 1).bit_length()  # power-of-two buckets: few graphs, reused
+        rows = padded_rows(n)
         t, k = placement.miss_tokens, placement.miss_slots
         xs = np.zeros((rows, self.cfg.hidden_size), dtype=np.float32)
         xs[:n] = x[t]
@@ -130,17 +144,21 @@ class HybridExperts:
         self.cpu = CpuExperts(cpu, weights, cfg)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tide-cpu-experts")
         self.stats = OffloadCounters()
-        self.step_log: list[dict] = []  # per pass: block start, step, per-layer hits/misses/uploads
-        self.clock = PassClock()
+        self.step_log: list[dict] = []  # per pass: what it was for, and per layer (hits, misses, uploads)
+        self.pass_info = PassInfo.plain()
+        self.clock = 0  # passes so far (LRU's recency)
         for layer, slots in self.slots.items():
             self.upload(layer, policy.initial(layer, slots), count=False)
 
     # -- the pass clock ----------------------------------------------------------------------------
-    def begin_pass(self, start: int, n_tokens: int) -> None:
-        """A new forward pass over positions [start, start+n_tokens): steps count within a block."""
-        self.clock.tick(start)
+    def begin_pass(self, start: int, n_tokens: int, info: PassInfo) -> None:
+        """A forward over positions [start, start+n_tokens) begins: `info` (the decoder's block and
+        step) says when the policy may refresh; a commit pass never does."""
+        self.pass_info = info
+        self.clock += 1
         self.stats.passes += 1
-        self.step_log.append({"start": start, "step": self.clock.step, "tokens": n_tokens, "layers": {}})
+        self.step_log.append({"start": start, "kind": info.kind, "block": info.block, "step": info.step,
+                              "commit": info.kind == "commit", "tokens": n_tokens, "layers": {}})
 
     # -- per layer ----------------------------------------------------------------------------------
     def upload(self, layer: int, uploads: list[tuple[int, int]], count: bool = True) -> None:
@@ -163,7 +181,9 @@ class HybridExperts:
             self.stats.add(layer, uploads=len(uploads), upload_bytes=nbytes)
 
     def place(self, layer: int, routing: Routing) -> Placement:
-        refresh = refresh_layer(self.policy, self.slots[layer], routing.experts, self.clock.step, self.clock.clock)
+        info = self.pass_info
+        refresh = refresh_layer(self.policy, self.slots[layer], routing.experts, info.step, self.clock,
+                                refresh=info.refreshes)
         self.upload(layer, refresh.uploads)
         hit = refresh.hit
         miss_t, miss_k = np.nonzero(~hit)
@@ -224,7 +244,7 @@ class _HybridPass:
         # shared by the layers of the pass: one layer's outputs are consumed before the next runs
         self.y_device = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, n_tokens))
         self.y_cpu = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, n_tokens))
-        self._y_cpu_zero = False
+        self._y_cpu_zero = self._y_device_zero = False
         self.hit_graphs: dict[int, ggml.Graph] = {}
         self.graphs: list[ggml.Graph] = []
 
@@ -241,11 +261,15 @@ class _HybridPass:
         executor = self.executor
         placement = executor.place(layer, routing)
         future = executor.start_misses(layer, x.get(), routing, placement) if placement.n_misses else None
-        if layer in self.hit_graphs:
+        if layer in self.hit_graphs and placement.n_hits:
             self.ids[layer].set(placement.device_ids)
             self.weights[layer].set(placement.device_weights)
             with self.timer.phase("compute_experts"):
                 executor.device.compute(self.hit_graphs[layer])
+            self._y_device_zero = False
+        elif layer in self.hit_graphs and not self._y_device_zero:  # no hits: no device work, zeros
+            self.y_device.set(np.zeros(self.y_device.shape, dtype=np.float32))
+            self._y_device_zero = True
         if future is not None:
             self.y_cpu.set(executor.wait(future))
             self._y_cpu_zero = False

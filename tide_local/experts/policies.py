@@ -193,11 +193,13 @@ class LayerRefresh:
         return hits, self.slot_ids.size - hits, len(self.uploads)
 
 
-def refresh_layer(policy: Policy, slots: LayerSlots, experts: np.ndarray, step: int, clock: int) -> LayerRefresh:
+def refresh_layer(policy: Policy, slots: LayerSlots, experts: np.ndarray, step: int, clock: int, *,
+                  refresh: bool = True) -> LayerRefresh:
     """Let `policy` refresh `slots` for a layer routed to `experts` (int [T, K]) and say which
-    assignments hit. `step` counts passes within the block, `clock` every pass."""
+    assignments hit. `step` is the decoder's step within the block, `clock` counts every pass;
+    `refresh` False (a block's commit pass) keeps the residency as it is."""
     counts = np.bincount(experts.ravel(), minlength=len(slots.slot_of_expert))
-    uploads = policy.refresh(slots, counts, step, clock) if slots.n_slots else []
+    uploads = policy.refresh(slots, counts, step, clock) if slots.n_slots and refresh else []
     return LayerRefresh(counts, uploads, slots.slot_of_expert[experts])
 
 

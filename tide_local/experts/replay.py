@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tide_local.experts.policies import DEFAULT_TAU, LayerSlots, Policy, make_policy, refresh_layer
-from tide_local.experts.trace import PassClock, RoutingTrace
+from tide_local.experts.trace import RoutingTrace
 
 
 @dataclass
@@ -35,20 +35,6 @@ class ReplayResult:
                 "blocks": blocks, "uploads_per_block": uploads / blocks, "cpu_token_slots_per_block": misses / blocks}
 
 
-def classify_passes(trace: RoutingTrace) -> list[str]:
-    """'prefill', 'step' (a denoising step: it yields logits) or 'commit' (a finished block's
-    K/V, right after its steps) for each pass."""
-    kinds = []
-    for i, p in enumerate(trace.passes):
-        if p["logits"]:
-            kinds.append("step")
-        elif i > 0 and trace.passes[i - 1]["logits"] and trace.passes[i - 1]["start"] == p["start"]:
-            kinds.append("commit")
-        else:
-            kinds.append("prefill")
-    return kinds
-
-
 def start_policy(trace: RoutingTrace, policy: Policy | str, slots: int | dict[int, int], *, tau: int = DEFAULT_TAU,
                  popularity: dict[int, np.ndarray] | None = None) -> tuple[Policy, dict[int, LayerSlots]]:
     """`policy` (a name, or a Policy) and each MoE layer's `slots` (an int, or per layer) with
@@ -66,12 +52,11 @@ def replay(trace: RoutingTrace, policy: Policy | str, slots: int | dict[int, int
            popularity: dict[int, np.ndarray] | None = None) -> ReplayResult:
     """Run `policy` over `trace` with `slots` per MoE layer (an int, or per layer)."""
     policy, layer_slots = start_policy(trace, policy, slots, tau=tau, popularity=popularity)
-    clock = PassClock()
     result = ReplayResult(policy.name, {layer: s.n_slots for layer, s in layer_slots.items()})
-    for p, kind in zip(trace.passes, classify_passes(trace)):
-        clock.tick(p["start"])
-        entry = {"start": p["start"], "step": clock.step, "tokens": p["tokens"], "kind": kind, "layers": {}}
+    for clock, p in enumerate(trace.passes, start=1):
+        entry = {"start": p["start"], "step": p["step"], "tokens": p["tokens"], "kind": p["kind"], "layers": {}}
         for layer, experts in p["layers"].items():
-            entry["layers"][layer] = refresh_layer(policy, layer_slots[layer], experts, clock.step, clock.clock).tally()
+            entry["layers"][layer] = refresh_layer(policy, layer_slots[layer], experts, p["step"], clock,
+                                                   refresh=p["kind"] != "commit").tally()
         result.passes.append(entry)
     return result

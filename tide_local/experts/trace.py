@@ -2,7 +2,9 @@
 
 Recorded by `tide generate --trace FILE` and read by the planner (and by the `static`
 policy, for its popular experts). A pass is one forward: a prefill chunk, a denoising
-step, or a block's final commit; `step` counts passes within the current block.
+step, or a block's final commit. Each pass keeps what the decoder said it was for
+(`kind`, `block`, `step`: see `tide_local.diffusion.PassInfo`), so a replay refreshes
+exactly where the engine did.
 """
 
 from __future__ import annotations
@@ -14,36 +16,33 @@ import numpy as np
 
 from tide_local.errors import TideError, TraceError
 
-TRACE_VERSION = 1
+TRACE_VERSION = 2  # 2: passes carry kind and block (version 1 files are read with both inferred)
 
 
-class PassClock:
-    """Counts passes: `step` within the current block (0 at its first pass), `clock` overall."""
-
-    def __init__(self):
-        self.block_start: int | None = None
-        self.step = 0
-        self.clock = 0
-
-    def tick(self, start: int) -> None:
-        if start != self.block_start:
-            self.block_start, self.step = start, 0
+def _infer_kinds(passes: list[dict]) -> None:
+    """Version 1 traces have no kind or block: a logits pass is a step, a pass without logits
+    right after a step at the same start is a commit, any other a prefill."""
+    previous = None
+    for p in passes:
+        if p["logits"]:
+            p["kind"] = "step"
+        elif previous is not None and previous["logits"] and previous["start"] == p["start"]:
+            p["kind"] = "commit"
         else:
-            self.step += 1
-        self.clock += 1
+            p["kind"] = "prefill"
+        p["block"] = -1 if p["kind"] == "prefill" else p["start"] // max(1, p["tokens"])
+        previous = p
 
 
 class RoutingTrace:
     def __init__(self, model_name: str, n_experts: int, n_used: int, moe_layers: list[int]):
         self.model_name, self.n_experts, self.n_used, self.moe_layers = model_name, n_experts, n_used, list(moe_layers)
         self.passes: list[dict] = []
-        self._clock = PassClock()
 
-    def begin_pass(self, start: int, n_tokens: int, logits: bool) -> None:
-        """`logits`: the pass yields logits (a denoising step), not only K/V (a prefill or commit)."""
-        self._clock.tick(start)
-        self.passes.append({"start": start, "step": self._clock.step, "tokens": n_tokens, "logits": logits,
-                            "layers": {}})
+    def begin_pass(self, start: int, n_tokens: int, logits: bool, info) -> None:
+        """`logits`: the pass yields logits, not only K/V; `info`: its PassInfo."""
+        self.passes.append({"start": start, "kind": info.kind, "block": info.block, "step": info.step,
+                            "tokens": n_tokens, "logits": logits, "layers": {}})
 
     def record(self, layer: int, experts: np.ndarray) -> None:
         self.passes[-1]["layers"][layer] = np.asarray(experts, dtype=np.int32)
@@ -69,11 +68,21 @@ class RoutingTrace:
         """Read a trace; with the model's shape given, a trace of another model is refused."""
         try:
             data = json.loads(Path(path).read_text())
+            version = data.get("version", 1)
+            if version not in (1, TRACE_VERSION):
+                raise ValueError(f"version {version!r}, this tide-local reads 1 and {TRACE_VERSION}")
             trace = cls(data["model"], int(data["n_experts"]), int(data["n_experts_used"]), data["moe_layers"])
             for p in data["passes"]:
-                trace.passes.append({"start": int(p["start"]), "step": int(p["step"]), "tokens": int(p["tokens"]),
-                                     "logits": bool(p["logits"]),
-                                     "layers": {int(k): np.asarray(v, dtype=np.int32) for k, v in p["layers"].items()}})
+                entry = {"start": int(p["start"]), "step": int(p["step"]), "tokens": int(p["tokens"]),
+                         "logits": bool(p["logits"]),
+                         "layers": {int(k): np.asarray(v, dtype=np.int32) for k, v in p["layers"].items()}}
+                if version >= 2:
+                    if p["kind"] not in ("prefill", "step", "commit", "forward"):
+                        raise ValueError(f"unknown pass kind {p['kind']!r}")
+                    entry.update(kind=p["kind"], block=int(p["block"]))
+                trace.passes.append(entry)
+            if version == 1:
+                _infer_kinds(trace.passes)
         except FileNotFoundError:
             raise TraceError(f"{path}: no such trace file") from None
         except (OSError, ValueError, KeyError, TypeError) as err:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from tide_local import ggml
+from tide_local.diffusion.blockmodel import PassInfo
 from tide_local.model.router import Routing
 from tide_local.model.timing import PhaseTimer
 
@@ -54,8 +55,8 @@ class ExpertsExecutor(Protocol):
     def for_pass(self, ctx: ggml.Context, n_tokens: int, timer: PhaseTimer) -> PassExperts:
         """Create the pass's persistent expert tensors in `ctx` (allocated with the pass state)."""
 
-    def begin_pass(self, start: int, n_tokens: int) -> None:
-        """A forward over positions [start, start+n_tokens) begins."""
+    def begin_pass(self, start: int, n_tokens: int, info: PassInfo) -> None:
+        """A forward over positions [start, start+n_tokens) begins; `info` says what it is for."""
 
 
 class ResidentExperts:
@@ -68,7 +69,7 @@ class ResidentExperts:
     def for_pass(self, ctx: ggml.Context, n_tokens: int, timer: PhaseTimer) -> "_ResidentPass":
         return _ResidentPass(self, ctx, n_tokens)
 
-    def begin_pass(self, start: int, n_tokens: int) -> None:
+    def begin_pass(self, start: int, n_tokens: int, info: PassInfo) -> None:
         pass
 
 

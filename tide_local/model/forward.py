@@ -37,6 +37,7 @@ import numpy as np
 
 from tide_local import ggml
 from tide_local.architecture import LLaDA2Config
+from tide_local.diffusion.blockmodel import PassInfo
 from tide_local.model.experts import ExpertsExecutor, ResidentExperts, routed_experts  # noqa: F401 (re-export)
 from tide_local.model.router import Routing, route
 from tide_local.model.timing import PhaseTimer
@@ -235,14 +236,14 @@ class Pass:
             self.model.bind([graph])
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, tokens: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
+    def run(self, tokens: np.ndarray, rows: np.ndarray | None, info: PassInfo) -> np.ndarray | None:
         """Forward `tokens`; returns logits [len(rows), vocab] (None when rows is None)."""
         m, cfg, timer = self.model, self.model.config, self.model.timer
         with timer.phase("embed"):
             self.embeddings.set(m.weights.embed(tokens))
-        m.experts.begin_pass(self.start, self.n_tokens)
+        m.experts.begin_pass(self.start, self.n_tokens, info)
         if m.routing_observer is not None:
-            m.routing_observer.begin_pass(self.start, self.n_tokens, rows is not None)
+            m.routing_observer.begin_pass(self.start, self.n_tokens, rows is not None, info)
         routing = m.last_routing = {}
         for seg in self.segments:
             if seg.moe_layer is not None:
@@ -272,7 +273,7 @@ class Pass:
 class RoutingObserver(Protocol):
     """Sees every pass's routing (a RoutingTrace while one is recorded)."""
 
-    def begin_pass(self, start: int, n_tokens: int, logits: bool) -> None: ...
+    def begin_pass(self, start: int, n_tokens: int, logits: bool, info: PassInfo) -> None: ...
 
     def record(self, layer: int, experts: np.ndarray) -> None: ...
 
@@ -319,9 +320,10 @@ class LLaDA2Model:
             self.cache = None
             self.cache = KVCache(self.backend, self.config, capacity)
 
-    def forward(self, tokens, start: int, rows=None) -> np.ndarray | None:
+    def forward(self, tokens, start: int, rows=None, info: PassInfo | None = None) -> np.ndarray | None:
         """One pass: tokens at positions [start, start+T), attending to the cache [0, start).
-        Writes their K/V into the cache; returns logits of `rows` (indices into tokens)."""
+        Writes their K/V into the cache; returns logits of `rows` (indices into tokens).
+        `info`: what the pass is for (the decoder's block and step; default a plain forward)."""
         tokens = np.asarray(tokens, dtype=np.int32)
         self.ensure_capacity(start + len(tokens))
         key = (len(tokens), start)
@@ -331,4 +333,4 @@ class LLaDA2Model:
                 self._passes.clear()
             with self.timer.phase("build_pass"):
                 p = self._passes[key] = Pass(self, len(tokens), start)
-        return p.run(tokens, rows)
+        return p.run(tokens, rows, info or PassInfo.plain())

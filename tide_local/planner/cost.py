@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tide_local.experts.policies import DEFAULT_TAU, Policy, refresh_layer
-from tide_local.experts.replay import classify_passes, start_policy
+from tide_local.experts.offload import padded_rows
+from tide_local.experts.replay import start_policy
 from tide_local.errors import TraceError
-from tide_local.experts.trace import PassClock, RoutingTrace
+from tide_local.experts.trace import RoutingTrace
 from tide_local.planner.shape import ModelShape
 
 BASELINES = ("swap", "static", "lru", "cpu")
@@ -67,16 +68,17 @@ class Costs:
 
     def cpu_seconds(self, rows, experts, shape: ModelShape):
         """The CPU share of a layer: `rows` missed token-slots over `experts` distinct experts.
-        The engine pads rows to a power of two (graphs are built per bucket)."""
+        The engine pads rows (`padded_rows`: graphs are built per padded count)."""
         rows = np.asarray(rows)
-        padded = np.where(rows > 0, 2 ** np.ceil(np.log2(np.maximum(rows, 1))), 0)
+        padded = padded_rows(rows)
         t = (self.cpu_per_call_s + self.cpu_per_weight_byte_s * np.asarray(experts) * shape.expert_bytes
              + self.cpu_per_flop_s * padded * shape.expert_flops_per_row)
         return np.where(rows > 0, t, 0.0)
 
     def device_seconds(self, rows, experts, shape: ModelShape):
         """The device share of a layer: the slot pool's mul_mat_id over every (token, choice)
-        row (misses ride along with weight 0) and `experts` distinct slots."""
+        row (misses ride along with weight 0) and `experts` distinct slots (a layer without
+        hits runs no device graph: count it with `has_hits`)."""
         return (self.device_per_call_s + self.device_per_weight_byte_s * np.asarray(experts) * shape.expert_bytes
                 + self.device_per_flop_s * np.asarray(rows) * shape.expert_flops_per_row)
 
@@ -150,20 +152,18 @@ def replay_counts(trace: RoutingTrace, policy: Policy | str, slots: int | dict[i
         per_layer = {layer: 0 for layer in layers}
     policy, layer_slots = start_policy(trace, policy, {layer: per_layer[layer] for layer in layers}, tau=tau,
                                        popularity=popularity)
-    kinds = classify_passes(trace)
+    kinds = [p["kind"] for p in trace.passes]
     P, L = len(trace.passes), len(layers)
     arrays = {k: np.zeros((P, L), dtype=np.int64) for k in ("hits", "misses", "uploads", "cpu", "device")}
     start, step, tokens, logits = (np.zeros(P, dtype=np.int64) for _ in range(4))
-    clock = PassClock()
     for i, p in enumerate(trace.passes):
-        clock.tick(p["start"])
-        start[i], step[i], tokens[i], logits[i] = p["start"], clock.step, p["tokens"], p["logits"]
+        start[i], step[i], tokens[i], logits[i] = p["start"], p["step"], p["tokens"], p["logits"]
         for j, layer in enumerate(layers):
             experts = p["layers"].get(layer)
             if experts is None:
                 continue
             s = layer_slots[layer]
-            refresh = refresh_layer(policy, s, experts, clock.step, clock.clock)
+            refresh = refresh_layer(policy, s, experts, p["step"], i + 1, refresh=p["kind"] != "commit")
             hits, misses, uploads = refresh.tally()
             resident = s.slot_of_expert >= 0
             used = refresh.counts > 0
@@ -171,7 +171,7 @@ def replay_counts(trace: RoutingTrace, policy: Policy | str, slots: int | dict[i
             if s.n_slots:
                 device = int(np.count_nonzero(used & resident))
                 slot0 = s.expert_of_slot[0]
-                if misses and not (slot0 >= 0 and refresh.counts[slot0] > 0):
+                if hits and misses and not (slot0 >= 0 and refresh.counts[slot0] > 0):
                     device += 1  # missed rows read slot 0 with weight 0
             arrays["hits"][i, j], arrays["misses"][i, j], arrays["uploads"][i, j] = hits, misses, uploads
             arrays["cpu"][i, j] = int(np.count_nonzero(used & ~resident))
@@ -225,7 +225,7 @@ def layer_times(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> Lay
     upload = costs.upload_seconds(counts.uploads, shape.expert_bytes)
     transfer = np.where(missed, costs.copy_seconds(tokens * H * 4) + costs.copy_seconds(tokens * K * H * 4), 0.0)
     cpu = costs.cpu_seconds(counts.misses, counts.cpu_experts, shape)
-    device = np.where(has_slots, costs.device_seconds(tokens * K, counts.device_experts, shape), 0.0)
+    device = np.where(has_slots & (counts.hits > 0), costs.device_seconds(tokens * K, counts.device_experts, shape), 0.0)
     keys = (counts.start + counts.tokens)[:, None]
     fixed = np.broadcast_to(costs.layer_fixed_seconds(tokens, keys), upload.shape).astype(float)
     return LayerTimes(upload, transfer, cpu, device, fixed, costs.overlap_slowdown)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tide_local.diffusion.blockmodel import PassInfo
 from tide_local.experts.trace import RoutingTrace
 
 TARGET_ADJACENT_SIMILARITY = 0.985  # paper: adjacent denoising steps, within a block
@@ -63,14 +64,15 @@ def synthesize(spec: SynthSpec, name: str = "synthetic") -> RoutingTrace:
         return np.argpartition(-scores, K - 1, axis=-1)[..., :K].astype(np.int32)
 
     if spec.prompt_tokens:
-        trace.begin_pass(0, spec.prompt_tokens, False)
+        trace.begin_pass(0, spec.prompt_tokens, False, PassInfo("prefill"))
         for layer in layers:
             trace.record(layer, top_k(z[layer] + rng.standard_normal((spec.prompt_tokens, E))))
     start = -(-spec.prompt_tokens // T) * T
     for _ in range(spec.blocks):
         u = {layer: rng.standard_normal((T, E)) for layer in layers}
         for step in range(spec.steps + 1):  # the steps, then the commit pass
-            trace.begin_pass(start, T, step < spec.steps)
+            info = PassInfo("step", start // T, step) if step < spec.steps else PassInfo("commit", start // T)
+            trace.begin_pass(start, T, step < spec.steps, info)
             for layer in layers:
                 if step:
                     u[layer] = a * u[layer] + b * rng.standard_normal((T, E))
