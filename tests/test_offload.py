@@ -36,7 +36,7 @@ def reference_tokens(model_path):
 @pytest.mark.parametrize(
     "policy, slots, tau",
     [("tide", 6, 4), ("tide", 3, 1), ("tide", 8, 3), ("swap", 6, None), ("static", 6, None),
-     ("lru", 6, None), ("lru", 2, None), ("cpu", 0, None)],
+     ("lru", 6, None), ("lru", 2, None), ("ondemand", 6, None), ("ondemand", 2, None), ("cpu", 0, None)],
 )
 def test_every_policy_gives_the_resident_tokens(model_path, reference_tokens, policy, slots, tau):
     with tide_local.load(model_path, device="emulated", policy=policy, expert_slots=slots, tau=tau or "auto",
@@ -51,6 +51,8 @@ def test_every_policy_gives_the_resident_tokens(model_path, reference_tokens, po
         assert s.hits + s.misses == total_tokens * cfg.n_experts_used * n_moe
         if policy == "cpu":
             assert s.hits == 0 and s.uploads == 0
+        elif policy == "ondemand":  # Mixtral-Offload: every miss is uploaded, nothing runs on the CPU
+            assert s.misses == 0 and s.uploads > 0 and s.cpu_expert_seconds == 0
         else:
             assert 0 < s.hit_rate < 1
         # slots never exceed the plan; bytes uploaded = uploads x one expert's slices
@@ -192,7 +194,7 @@ def test_info_memory_plan(model_path, capsys):
 
 
 @pytest.mark.parametrize("policy, slots, tau", [("tide", 5, 3), ("swap", 4, None), ("lru", 6, None),
-                                                ("static", 6, None), ("cpu", 0, None)])
+                                                ("static", 6, None), ("ondemand", 3, None), ("cpu", 0, None)])
 def test_replaying_a_trace_reproduces_the_engine_counts(model_path, policy, slots, tau):
     from tide_local.experts.replay import replay
 

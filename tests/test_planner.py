@@ -156,7 +156,7 @@ def test_layer_time_is_uploads_then_the_slower_side_then_fixed_work():
 
 
 @pytest.mark.parametrize("policy, slots, tau", [("tide", 5, 3), ("swap", 4, None), ("static", 6, None),
-                                                ("lru", 6, None), ("cpu", 0, None)])
+                                                ("lru", 6, None), ("ondemand", 3, None), ("cpu", 0, None)])
 def test_replayed_counts_are_the_engine_statistics(model_path, policy, slots, tau):
     with tide_local.load(model_path, device="emulated", policy=policy, expert_slots=slots, tau=tau or "auto",
                          n_ctx=N_CTX, threads=2) as eng:

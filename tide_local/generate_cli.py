@@ -50,9 +50,12 @@ def add_offload_arguments(group) -> None:
                        "backend standing in for a GPU: for tests and studies), or a device name (default: auto)")
     group.add_argument("--gpu-memory", metavar="SIZE", default=None,
                        help="device budget, e.g. 6GiB or 6000MiB (default: free device memory minus a reserve)")
-    group.add_argument("--policy", default="tide", choices=["tide", "swap", "static", "lru", "cpu", "resident"],
+    from tide_local.experts.policies import POLICIES
+
+    group.add_argument("--policy", default="tide", choices=POLICIES,
                        help="tide: refresh the resident experts every TAU steps from the routing (default); swap: "
-                       "every step; static: never; lru: upload each miss; cpu: no experts on the device; "
+                       "every step; static: never; lru: upload each miss that fits, the rest on the CPU; ondemand: "
+                       "upload every miss, nothing on the CPU (Mixtral-Offload); cpu: no experts on the device; "
                        "resident: all experts on the device")
     group.add_argument("--tau", default="auto", metavar="TAU",
                        help="tide's refresh interval in denoising steps (default: auto)")
@@ -124,8 +127,9 @@ def decoding_options(args) -> dict:
     try:
         DecodeOptions.build(options)
     except OptionValueError as err:
-        message = str(err)
-        raise UsageError(flag_of(err.name) + message[len(err.name):]) from None
+        # the rule as a user of the flag reads it: "or None" is Python's way to leave an option out
+        rule = option_specs()[err.name].rule.removesuffix(" or None")
+        raise UsageError(f"{flag_of(err.name)} {rule}, got {options.get(err.name)}") from None
     return options
 
 
@@ -142,6 +146,10 @@ def _check_options(args) -> dict:
         raise UsageError(f"--tau must be a positive integer or auto, got {args.tau}")
     if args.ctx is not None and args.ctx < 32:
         raise UsageError(f"--ctx must be at least 32, got {args.ctx}")
+    if getattr(args, "prompt", None) is not None:
+        _check_text(args.prompt, "the prompt (-p)")
+    if args.system is not None:
+        _check_text(args.system, "--system")
     return options
 
 
@@ -155,7 +163,21 @@ def _model_path(args) -> str:
     return args.model
 
 
+def _check_text(text: str, where: str) -> str:
+    """`text` if it is valid UTF-8 (Python keeps the undecodable bytes of a command line or
+    stdin as lone surrogates), else a UsageError naming where it came from."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = text[err.start]
+        what = (f"the byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF
+                else f"the lone surrogate U+{ord(char):04X}")
+        raise UsageError(f"{where} is not valid UTF-8 text: {what} at character {err.start}") from None
+    return text
+
+
 def _read_prompt(args) -> str:
+    """The prompt of -p (checked with the options) or stdin, as UTF-8 text."""
     if args.prompt is not None and args.prompt != "-":
         prompt = args.prompt
     else:
@@ -163,7 +185,11 @@ def _read_prompt(args) -> str:
             raise UsageError("no prompt: give -p TEXT or pipe the prompt on stdin")
         if sys.stdin.isatty():
             print("reading the prompt from stdin (end it with Ctrl-D) ...", file=sys.stderr, flush=True)
-        prompt = sys.stdin.read()
+        try:
+            prompt = _check_text(sys.stdin.read(), "the prompt on stdin")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"the prompt on stdin is not valid {err.encoding} text: the byte "
+                             f"0x{err.object[err.start]:02x} at byte {err.start}") from None
         if prompt.endswith("\n"):  # as shells do with $(...)
             prompt = prompt[:-1]
     if not prompt.strip():

@@ -6,7 +6,7 @@ The profile (``tide profile``, or a preset from specifications) prices the work;
 routing trace (``tide generate --trace``, else recorded here on a few built-in prompts
 with the CPU engine) says what the work is; the program (``tide_local.planner.plan``)
 picks the placement. The result is printed next to the same predictions for the
-baselines (swap, static, lru, cpu) and for the paper's uniform budget, and cached so that
+baselines (swap, static, lru, ondemand, cpu) and for the paper's uniform budget, and cached so that
 the engine's ``policy="tide", tau="auto"`` uses it for the same model, budget, context
 and profile.
 """
@@ -81,7 +81,8 @@ def print_plan(result: PlanResult, out=None) -> None:
           f"{pred.upload_seconds_per_block:>9.4f} {pred.cpu_token_slots_per_block:>9.1f} "
           f"{pred.cpu_seconds_per_block:>8.4f} {pred.device_seconds_per_block:>8.4f} {pred.block_seconds:>8.4f} "
           f"{pred.tokens_per_second:>9.2f}\n")
-    fair = {k: v for k, v in result.predictions.items() if k in ("swap", "static (ids 0..B-1)", "lru", "cpu")}
+    fair = {k: v for k, v in result.predictions.items()
+            if k in ("swap", "static (ids 0..B-1)", "lru", "ondemand", "cpu")}
     best_label = max(fair, key=lambda k: fair[k].tokens_per_second)
     tide, oracle = result.predictions["tide (planned)"], result.predictions["static"]
     w(f"\npredicted: tide (planned) {tide.tokens_per_second / fair[best_label].tokens_per_second:.2f}x the best "
@@ -99,7 +100,7 @@ Choose TIDE's refresh interval (tau) and the expert slots of every MoE layer for
 memory budget, by a mixed-integer program over the cost model: a hardware profile prices
 uploads, CPU experts, device experts and fixed work; a routing trace replayed through the
 engine's policies says how much of each a placement causes. Prints the choice and the
-same predictions for swap, static, lru, cpu and the paper's uniform budget, and caches
+same predictions for swap, static, lru, ondemand, cpu and the paper's uniform budget, and caches
 the plan so that `tide generate --policy tide` (tau auto) uses it."""
 
 EPILOG = """\

@@ -41,6 +41,9 @@ class Placement:
     device_weights: np.ndarray  # float32 [T, K] routing weight (0 where a miss)
     miss_tokens: np.ndarray  # int [P] token of each missed assignment
     miss_slots: np.ndarray  # int [P] which of the K choices
+    # a device-only policy's further rounds: (uploads, device_ids, device_weights), each run after
+    # the one before, its weights zero where another round (or the CPU) owns the assignment
+    rounds: list = field(default_factory=list)
 
     @property
     def n_misses(self) -> int:
@@ -48,7 +51,8 @@ class Placement:
 
     @property
     def n_hits(self) -> int:
-        return self.device_ids.size - self.n_misses
+        """Assignments of the first round on the device."""
+        return int(np.count_nonzero(self.device_weights)) if self.rounds else self.device_ids.size - self.n_misses
 
 
 @dataclass
@@ -184,17 +188,22 @@ class HybridExperts:
         info = self.pass_info
         refresh = refresh_layer(self.policy, self.slots[layer], routing.experts, info.step, self.clock,
                                 refresh=info.refreshes)
-        self.upload(layer, refresh.uploads)
+        self.upload(layer, refresh.uploads)  # the first round's; later rounds upload as they run
         hit = refresh.hit
         miss_t, miss_k = np.nonzero(~hit)
         hits, misses, uploads = refresh.tally()
         self.stats.add(layer, hits=hits, misses=misses)
         self.step_log[-1]["layers"][layer] = (hits, misses, uploads)
+        rounds = [(ups, np.where(ids >= 0, ids, 0).astype(np.int32), np.where(ids >= 0, routing.weights, 0.0)
+                   .astype(np.float32)) for ups, ids in refresh.rounds]
+        if rounds:  # the CPU runs only what no round computes
+            miss_t, miss_k = np.nonzero(~hit & np.logical_and.reduce([ids < 0 for _, ids in refresh.rounds]))
         return Placement(
             device_ids=np.where(hit, refresh.slot_ids, 0).astype(np.int32),
             device_weights=np.where(hit, routing.weights, 0.0).astype(np.float32),
             miss_tokens=miss_t,
             miss_slots=miss_k,
+            rounds=rounds,
         )
 
     def start_misses(self, layer: int, x: np.ndarray, routing: Routing, placement: Placement) -> Future:
@@ -257,21 +266,34 @@ class _HybridPass:
         self.graphs.append(graph)
         return ctx.add(self.y_device, self.y_cpu)
 
+    def _device_round(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> None:
+        self.ids[layer].set(ids)
+        self.weights[layer].set(weights)
+        with self.timer.phase("compute_experts"):
+            self.executor.device.compute(self.hit_graphs[layer])
+        self._y_device_zero = False
+
     def run(self, layer: int, x, routing: Routing) -> None:
         executor = self.executor
         placement = executor.place(layer, routing)
         future = executor.start_misses(layer, x.get(), routing, placement) if placement.n_misses else None
         if layer in self.hit_graphs and placement.n_hits:
-            self.ids[layer].set(placement.device_ids)
-            self.weights[layer].set(placement.device_weights)
-            with self.timer.phase("compute_experts"):
-                executor.device.compute(self.hit_graphs[layer])
-            self._y_device_zero = False
+            self._device_round(layer, placement.device_ids, placement.device_weights)
         elif layer in self.hit_graphs and not self._y_device_zero:  # no hits: no device work, zeros
             self.y_device.set(np.zeros(self.y_device.shape, dtype=np.float32))
             self._y_device_zero = True
+        earlier = None  # with rounds: the earlier rounds' outputs, summed on the host (exact: each
+        for uploads, ids, weights in placement.rounds:  # assignment is nonzero in one round only)
+            done = self.y_device.get()
+            earlier = done if earlier is None else earlier + done
+            executor.upload(layer, uploads)
+            self._device_round(layer, ids, weights)
         if future is not None:
-            self.y_cpu.set(executor.wait(future))
+            y = executor.wait(future)
+            self.y_cpu.set(y if earlier is None else y + earlier)
+            self._y_cpu_zero = False
+        elif earlier is not None:
+            self.y_cpu.set(earlier)
             self._y_cpu_zero = False
         elif not self._y_cpu_zero:
             self.y_cpu.set(np.zeros(self.y_cpu.shape, dtype=np.float32))

@@ -11,18 +11,21 @@ none changes what is computed, only where.
 - swap:     tide with tau = 1 (Mixtral-Offload: migrate every step).
 - static:   a fixed set (popular experts from a trace, else ids 0..B-1), never moved (Fiddler).
 - lru:      upload every needed expert that fits, evicting the least recently used
-            (llama.cpp's expert cache).
+            (llama.cpp's expert cache); the rest run on the CPU.
+- ondemand: Mixtral-Offload: every routed expert runs on the device; each miss is uploaded
+            into the LRU cache of slots, nothing runs on the CPU (a pass that needs more
+            experts than there are slots runs in rounds).
 - cpu:      no slots: every routed expert on the CPU (llama.cpp --cpu-moe).
 - resident: every expert in a slot (the upper bound).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-POLICIES = ("tide", "swap", "static", "lru", "cpu", "resident")
+POLICIES = ("tide", "swap", "static", "lru", "ondemand", "cpu", "resident")
 
 # TIDE's refresh interval in steps when none is given and the planner has no plan for the setting.
 DEFAULT_TAU = 4
@@ -61,7 +64,8 @@ def _top_by_count(counts: np.ndarray, n: int, prefer: np.ndarray) -> np.ndarray:
 
 def _replace(slots: LayerSlots, wanted: np.ndarray, counts: np.ndarray) -> list[tuple[int, int]]:
     """Uploads that make every expert in `wanted` resident, filling empty slots first and
-    then evicting the residents outside `wanted` with the fewest routed slots."""
+    then evicting the residents outside `wanted` with the fewest routed slots, the least
+    recently used first among equals."""
     wanted_mask = np.zeros(len(slots.slot_of_expert), dtype=bool)
     wanted_mask[wanted] = True
     incoming = [int(e) for e in wanted if slots.slot_of_expert[e] < 0]
@@ -70,7 +74,7 @@ def _replace(slots: LayerSlots, wanted: np.ndarray, counts: np.ndarray) -> list[
     empty = np.flatnonzero(slots.expert_of_slot < 0)
     occupied = np.flatnonzero(slots.expert_of_slot >= 0)
     evictable = occupied[~wanted_mask[slots.expert_of_slot[occupied]]]
-    evictable = evictable[np.argsort(counts[slots.expert_of_slot[evictable]], kind="stable")]
+    evictable = evictable[np.lexsort((slots.last_used[evictable], counts[slots.expert_of_slot[evictable]]))]
     free = list(empty) + list(evictable)
     uploads = []
     for expert, slot in zip(incoming, free):
@@ -81,6 +85,7 @@ def _replace(slots: LayerSlots, wanted: np.ndarray, counts: np.ndarray) -> list[
 
 class Policy:
     name = "policy"
+    device_only = False  # True: every routed expert runs on the device, in rounds if need be
 
     def initial(self, layer: int, slots: LayerSlots) -> list[tuple[int, int]]:
         """Uploads at load time."""
@@ -101,10 +106,14 @@ class TidePolicy(Policy):
         self.tau = int(tau)
 
     def refresh(self, slots, counts, step, clock):
+        used = slots.slot_of_expert[np.flatnonzero(counts > 0)]
+        slots.last_used[used[used >= 0]] = clock  # recency, for evictions among equal counts
         if step % self.tau:
             return []
         wanted = _top_by_count(counts, slots.n_slots, slots.slot_of_expert >= 0)
-        return _replace(slots, wanted, counts)
+        uploads = _replace(slots, wanted, counts)
+        slots.last_used[[slot for slot, _ in uploads]] = clock
+        return uploads
 
 
 class SwapPolicy(TidePolicy):
@@ -157,6 +166,27 @@ class LRUPolicy(Policy):
         return uploads
 
 
+class OnDemandPolicy(LRUPolicy):
+    """Mixtral-Offload's expert cache: the first round is lru's; the experts it could not fit
+    come in later rounds (`next_round`), each computed on the device after its uploads."""
+
+    name = "ondemand"
+    device_only = True
+
+    def next_round(self, slots: LayerSlots, counts: np.ndarray, clock: int) -> list[tuple[int, int]]:
+        """Uploads for the next round: the most used experts still to compute (`counts`) into
+        the least recently used slots; the previous round's outputs are already taken."""
+        missing = np.flatnonzero(counts > 0)
+        missing = missing[np.lexsort((missing, -counts[missing]))][: slots.n_slots]
+        order = np.lexsort((np.arange(slots.n_slots), slots.last_used))
+        uploads = []
+        for slot, expert in zip(order, missing):
+            slots.assign(int(slot), int(expert))
+            slots.last_used[slot] = clock
+            uploads.append((int(slot), int(expert)))
+        return uploads
+
+
 class ResidentPolicy(StaticPolicy):
     name = "resident"
 
@@ -174,14 +204,19 @@ class LayerRefresh:
     counts: np.ndarray  # int [E] token-slots routed to each expert
     uploads: list[tuple[int, int]]  # (slot, expert), made before the layer's experts run
     slot_ids: np.ndarray  # int [T, K] slot of each assignment, -1 where it misses (runs on the CPU)
+    # device-only policies: further rounds, each (uploads, slot ids of the assignments it computes,
+    # -1 elsewhere), run after the first; `slot_ids` then holds the first round's
+    rounds: list[tuple[list[tuple[int, int]], np.ndarray]] = field(default_factory=list)
 
     @property
     def hit(self) -> np.ndarray:
+        """Assignments of the first round on the device."""
         return self.slot_ids >= 0
 
     @property
     def n_hits(self) -> int:
-        return int(self.hit.sum())
+        """Assignments computed on the device, every round."""
+        return int(self.hit.sum()) + sum(int((ids >= 0).sum()) for _, ids in self.rounds)
 
     @property
     def n_misses(self) -> int:
@@ -190,7 +225,7 @@ class LayerRefresh:
     def tally(self) -> tuple[int, int, int]:
         """(hits, misses, uploads): a layer's entry in the engine's per-step statistics."""
         hits = self.n_hits
-        return hits, self.slot_ids.size - hits, len(self.uploads)
+        return hits, self.slot_ids.size - hits, len(self.uploads) + sum(len(u) for u, _ in self.rounds)
 
 
 def refresh_layer(policy: Policy, slots: LayerSlots, experts: np.ndarray, step: int, clock: int, *,
@@ -199,8 +234,17 @@ def refresh_layer(policy: Policy, slots: LayerSlots, experts: np.ndarray, step: 
     assignments hit. `step` is the decoder's step within the block, `clock` counts every pass;
     `refresh` False (a block's commit pass) keeps the residency as it is."""
     counts = np.bincount(experts.ravel(), minlength=len(slots.slot_of_expert))
+    refresh = refresh or policy.device_only  # a device-only policy has nowhere else to run a miss
     uploads = policy.refresh(slots, counts, step, clock) if slots.n_slots and refresh else []
-    return LayerRefresh(counts, uploads, slots.slot_of_expert[experts])
+    result = LayerRefresh(counts, uploads, slots.slot_of_expert[experts])
+    if policy.device_only and slots.n_slots:
+        done = result.hit
+        while not done.all():
+            ups = policy.next_round(slots, np.bincount(experts[~done], minlength=len(counts)), clock)
+            ids = np.where(done, -1, slots.slot_of_expert[experts])
+            result.rounds.append((ups, ids))
+            done = done | (ids >= 0)
+    return result
 
 
 def make_policy(name: str, tau: int = DEFAULT_TAU, popularity: dict[int, np.ndarray] | None = None) -> Policy:
@@ -212,6 +256,8 @@ def make_policy(name: str, tau: int = DEFAULT_TAU, popularity: dict[int, np.ndar
         return StaticPolicy(popularity)
     if name == "lru":
         return LRUPolicy()
+    if name == "ondemand":
+        return OnDemandPolicy()
     if name == "cpu":
         return CpuPolicy()
     if name == "resident":

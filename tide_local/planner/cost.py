@@ -75,12 +75,13 @@ class Costs:
              + self.cpu_per_flop_s * padded * shape.expert_flops_per_row)
         return np.where(rows > 0, t, 0.0)
 
-    def device_seconds(self, rows, experts, shape: ModelShape):
+    def device_seconds(self, rows, experts, shape: ModelShape, calls=1):
         """The device share of a layer: the slot pool's mul_mat_id over every (token, choice)
         row (misses ride along with weight 0) and `experts` distinct slots (a layer without
         hits runs no device graph: count it with `has_hits`)."""
-        return (self.device_per_call_s + self.device_per_weight_byte_s * np.asarray(experts) * shape.expert_bytes
-                + self.device_per_flop_s * np.asarray(rows) * shape.expert_flops_per_row)
+        calls = np.asarray(calls)
+        return (calls * self.device_per_call_s + self.device_per_weight_byte_s * np.asarray(experts) * shape.expert_bytes
+                + calls * self.device_per_flop_s * np.asarray(rows) * shape.expert_flops_per_row)
 
     def layer_fixed_seconds(self, tokens, keys):
         return self.layer_s + self.layer_per_token_s * np.asarray(tokens) + \
@@ -111,6 +112,7 @@ class PlacementCounts:
     uploads: np.ndarray
     cpu_experts: np.ndarray  # distinct experts among the misses
     device_experts: np.ndarray  # distinct slots the device graph reads (0 when the layer has none)
+    device_calls: np.ndarray | None = None  # device graph runs (rounds of a device-only policy); None: 1
 
     @property
     def n_blocks(self) -> int:
@@ -154,7 +156,7 @@ def replay_counts(trace: RoutingTrace, policy: Policy | str, slots: int | dict[i
                                        popularity=popularity)
     kinds = [p["kind"] for p in trace.passes]
     P, L = len(trace.passes), len(layers)
-    arrays = {k: np.zeros((P, L), dtype=np.int64) for k in ("hits", "misses", "uploads", "cpu", "device")}
+    arrays = {k: np.zeros((P, L), dtype=np.int64) for k in ("hits", "misses", "uploads", "cpu", "device", "calls")}
     start, step, tokens, logits = (np.zeros(P, dtype=np.int64) for _ in range(4))
     for i, p in enumerate(trace.passes):
         start[i], step[i], tokens[i], logits[i] = p["start"], p["step"], p["tokens"], p["logits"]
@@ -174,11 +176,14 @@ def replay_counts(trace: RoutingTrace, policy: Policy | str, slots: int | dict[i
                 if hits and misses and not (slot0 >= 0 and refresh.counts[slot0] > 0):
                     device += 1  # missed rows read slot 0 with weight 0
             arrays["hits"][i, j], arrays["misses"][i, j], arrays["uploads"][i, j] = hits, misses, uploads
-            arrays["cpu"][i, j] = int(np.count_nonzero(used & ~resident))
+            if refresh.rounds:  # every used expert was resident in some round
+                device = int(np.count_nonzero(used))
+            arrays["cpu"][i, j] = 0 if refresh.rounds else int(np.count_nonzero(used & ~resident))
             arrays["device"][i, j] = device
+            arrays["calls"][i, j] = 1 + len(refresh.rounds)
     return PlacementCounts(name, getattr(policy, "tau", None), dict(per_layer), layers, kinds, start, step, tokens,
                            logits.astype(bool), _blocks(kinds, [int(x) for x in start]), arrays["hits"],
-                           arrays["misses"], arrays["uploads"], arrays["cpu"], arrays["device"])
+                           arrays["misses"], arrays["uploads"], arrays["cpu"], arrays["device"], arrays["calls"])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -223,9 +228,12 @@ def layer_times(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> Lay
     missed = counts.misses > 0
     H, K = shape.hidden_size, shape.n_experts_used
     upload = costs.upload_seconds(counts.uploads, shape.expert_bytes)
+    calls = counts.device_calls if counts.device_calls is not None else np.ones_like(counts.hits)
     transfer = np.where(missed, costs.copy_seconds(tokens * H * 4) + costs.copy_seconds(tokens * K * H * 4), 0.0)
+    transfer = transfer + (calls - 1) * costs.copy_seconds(tokens * K * H * 4)  # each round's outputs come back
     cpu = costs.cpu_seconds(counts.misses, counts.cpu_experts, shape)
-    device = np.where(has_slots & (counts.hits > 0), costs.device_seconds(tokens * K, counts.device_experts, shape), 0.0)
+    device = np.where(has_slots & (counts.hits > 0),
+                      costs.device_seconds(tokens * K, counts.device_experts, shape, calls), 0.0)
     keys = (counts.start + counts.tokens)[:, None]
     fixed = np.broadcast_to(costs.layer_fixed_seconds(tokens, keys), upload.shape).astype(float)
     return LayerTimes(upload, transfer, cpu, device, fixed, costs.overlap_slowdown)

@@ -1,7 +1,7 @@
 """A plan: TIDE's refresh interval and the slots of every MoE layer for a device budget.
 
 `make_plan` prices a routing trace with a profile's costs (``cost``), solves the program
-(``milp``) and predicts the same trace for the baselines (swap, static, lru, cpu) and
+(``milp``) and predicts the same trace for the baselines (swap, static, lru, ondemand, cpu) and
 the paper's uniform budget beside it. Pure: `tide plan` (``tide_local.calibration``)
 finds the profile and the trace, prints the result and caches it (``lookup``).
 """
@@ -83,6 +83,7 @@ def make_plan(trace: RoutingTrace, shape: ModelShape, profile: Profile, budget: 
         "static": predict(trace, shape, costs, "static", uniform, popularity=popularity),
         "static (ids 0..B-1)": predict(trace, shape, costs, "static", uniform),
         "lru": predict(trace, shape, costs, "lru", uniform),
+        "ondemand": predict(trace, shape, costs, "ondemand", uniform),
         "cpu": predict(trace, shape, costs, "cpu", 0),
     }
     return PlanResult(shape, profile, budget, n_ctx, fixed, uniform, table, planned, paper, per_layer, predictions)
