@@ -291,8 +291,16 @@ def test_plan_prints_the_choice_and_the_baselines(model_path, recorded_trace, tm
     assert code == 0, out.err
     text = out.out
     assert "chosen: tau" in text and "ESTIMATE" in text
-    for label in ("tide (planned)", "tide (uniform, paper)", "swap", "static", "lru", "cpu"):
+    for label in ("tide (planned)", "tide (uniform, paper)", "swap", "static (oracle)", "lru", "ondemand", "cpu"):
         assert label in text
+    assert "static (held-out)" not in text
+    # a popularity trace for the static baseline: with the planned trace itself it is the oracle again
+    code, out = _plan(["-m", str(model_path), "--expert-slots", "6", "--ctx", str(N_CTX), "--profile",
+                       "a100-40gb-pcie4", "--trace", str(recorded_trace), "--popularity", str(recorded_trace),
+                       "--json", "--no-cache"], capsys)
+    predictions = json.loads(out.out)["predictions"]
+    assert predictions["static (held-out)"] == predictions["static (oracle)"]
+    assert predictions["ondemand"]["hit_rate"] == 1.0
     code, out = _plan(["-m", str(model_path), "--expert-slots", "6", "--ctx", str(N_CTX), "--profile",
                        "a100-40gb-pcie4", "--trace", str(recorded_trace), "--json", "--taus", "1,2,4"], capsys)
     data = json.loads(out.out)

@@ -82,9 +82,9 @@ def print_plan(result: PlanResult, out=None) -> None:
           f"{pred.cpu_seconds_per_block:>8.4f} {pred.device_seconds_per_block:>8.4f} {pred.block_seconds:>8.4f} "
           f"{pred.tokens_per_second:>9.2f}\n")
     fair = {k: v for k, v in result.predictions.items()
-            if k in ("swap", "static (ids 0..B-1)", "lru", "ondemand", "cpu")}
+            if k in ("swap", "static (held-out)", "static (ids 0..B-1)", "lru", "ondemand", "cpu")}
     best_label = max(fair, key=lambda k: fair[k].tokens_per_second)
-    tide, oracle = result.predictions["tide (planned)"], result.predictions["static"]
+    tide, oracle = result.predictions["tide (planned)"], result.predictions["static (oracle)"]
     w(f"\npredicted: tide (planned) {tide.tokens_per_second / fair[best_label].tokens_per_second:.2f}x the best "
       f"baseline ({best_label}) and {tide.tokens_per_second / oracle.tokens_per_second:.2f}x static with the "
       "trace's most used experts (chosen in-sample: an optimistic Fiddler); tokens/s count "
@@ -128,6 +128,9 @@ def build_parser(prog: str = "tide plan") -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="whose saved profile to use without --profile (default: auto: the GPU, else emulated)")
     p.add_argument("--trace", metavar="T", default=None, help="a routing trace from `tide generate --trace`")
+    p.add_argument("--popularity", metavar="T", default=None,
+                   help="a routing trace of OTHER prompts: the static baseline keeps its most used experts "
+                   "(held out; static with the planned trace's own popularity is shown as an oracle)")
     p.add_argument("--ctx", type=int, default=4096, metavar="N", help="context to plan the KV cache for (default 4096)")
     p.add_argument("--taus", metavar="LIST", default=None, help="refresh intervals to consider, e.g. 1,2,4,8")
     p.add_argument("--per-layer-tau", action="store_true", help="also solve with a tau per layer (reported only)")
@@ -216,7 +219,10 @@ def main(argv: list[str] | None = None, prog: str = "tide plan") -> int:
     profile = _profile(args, model_path)
     profile.costs_for(shape)  # a profile of another model is refused before any work
     trace = _trace(args, model_path, shape, identity)
-    result = make_plan(trace, shape, profile, budget, n_ctx, taus=taus, per_layer_tau=args.per_layer_tau, log=_log)
+    held_out = (RoutingTrace.load(args.popularity, n_experts=shape.n_experts, moe_layers=list(shape.moe_layers))
+                if args.popularity else None)
+    result = make_plan(trace, shape, profile, budget, n_ctx, taus=taus, per_layer_tau=args.per_layer_tau,
+                       held_out=held_out, log=_log)
     data = result.to_dict()
     if not args.no_cache:
         try:

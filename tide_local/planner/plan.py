@@ -49,8 +49,11 @@ class PlanResult:
 
 
 def make_plan(trace: RoutingTrace, shape: ModelShape, profile: Profile, budget: int, n_ctx: int, *, budgets=None,
-              taus=None, per_layer_tau: bool = False, log=None) -> PlanResult:
-    """Solve the program for `budget` bytes and predict the baselines beside it."""
+              taus=None, per_layer_tau: bool = False, held_out: RoutingTrace | None = None,
+              log=None) -> PlanResult:
+    """Solve the program for `budget` bytes and predict the baselines beside it. `held_out`: a
+    trace of other prompts whose most used experts the fair static baseline keeps (static with
+    the planned trace's own popularity is an oracle, and is labelled so)."""
     check_trace(trace, shape)
     costs = profile.costs_for(shape)
     fixed = shape.fixed_device_bytes(n_ctx)
@@ -80,7 +83,9 @@ def make_plan(trace: RoutingTrace, shape: ModelShape, profile: Profile, budget: 
         "tide (planned)": predict(trace, shape, costs, "tide", planned.slots, tau=planned.tau),
         "tide (uniform, paper)": predict(trace, shape, costs, "tide", uniform, tau=paper.tau),
         "swap": predict(trace, shape, costs, "swap", uniform),
-        "static": predict(trace, shape, costs, "static", uniform, popularity=popularity),
+        "static (oracle)": predict(trace, shape, costs, "static", uniform, popularity=popularity),
+        **({"static (held-out)": predict(trace, shape, costs, "static", uniform, popularity=held_out.popularity())}
+           if held_out is not None else {}),
         "static (ids 0..B-1)": predict(trace, shape, costs, "static", uniform),
         "lru": predict(trace, shape, costs, "lru", uniform),
         "ondemand": predict(trace, shape, costs, "ondemand", uniform),
