@@ -36,7 +36,8 @@ def reference_tokens(model_path):
 @pytest.mark.parametrize(
     "policy, slots, tau",
     [("tide", 6, 4), ("tide", 3, 1), ("tide", 8, 3), ("swap", 6, None), ("static", 6, None),
-     ("lru", 6, None), ("lru", 2, None), ("ondemand", 6, None), ("ondemand", 2, None), ("cpu", 0, None)],
+     ("lru", 6, None), ("lru", 2, None), ("ondemand", 6, None), ("ondemand", 2, None), ("adaptive", 6, None),
+     ("cpu", 0, None)],
 )
 def test_every_policy_gives_the_resident_tokens(model_path, reference_tokens, policy, slots, tau):
     with tide_local.load(model_path, device="emulated", policy=policy, expert_slots=slots, tau=tau or "auto",
@@ -194,7 +195,8 @@ def test_info_memory_plan(model_path, capsys):
 
 
 @pytest.mark.parametrize("policy, slots, tau", [("tide", 5, 3), ("swap", 4, None), ("lru", 6, None),
-                                                ("static", 6, None), ("ondemand", 3, None), ("cpu", 0, None)])
+                                                ("static", 6, None), ("ondemand", 3, None), ("adaptive", 5, None),
+                                                ("cpu", 0, None)])
 def test_replaying_a_trace_reproduces_the_engine_counts(model_path, policy, slots, tau):
     from tide_local.experts.replay import replay
 
@@ -203,6 +205,15 @@ def test_replaying_a_trace_reproduces_the_engine_counts(model_path, policy, slot
         trace = eng.record_trace()
         res = eng.generate(PROMPT, **GEN)
         eng.stop_trace()
+    if policy == "adaptive":  # the same prices the engine took (the fallback preset: no profile here)
+        from tide_local.experts.policies import AdaptivePolicy
+        from tide_local.modelfile import ModelFile
+        from tide_local.planner.lookup import adaptive_prices
+
+        with ModelFile(model_path) as mf:
+            prices, source = adaptive_prices(mf, "emulated")
+        assert res.stats.offload.tau_source == source
+        policy = AdaptivePolicy(*prices)
     replayed = replay(trace, policy, slots, tau=tau or 4)
     assert len(replayed.passes) == len(res.stats.offload.per_step)
     for ran, rep in zip(res.stats.offload.per_step, replayed.passes):
@@ -250,3 +261,20 @@ def test_tide_refreshes_at_each_blocks_steps_0_tau_2tau_and_never_on_a_commit(mo
     # the second generation starts where the first started: its step 0 still refreshes
     first_step = next(e for e in second.stats.offload.per_step if e["kind"] == "step")
     assert first_step["step"] == 0 and any(u for _, _, u in first_step["layers"].values())
+
+
+def test_adaptive_refreshes_when_the_rent_reaches_the_upload_price():
+    from tide_local.experts.policies import AdaptivePolicy
+
+    policy = AdaptivePolicy(upload_rows=10, expert_rows=0)
+    slots = LayerSlots(2, 8)
+    counts = np.zeros(8, dtype=np.int64)
+    counts[[3, 5]] = 4  # 8 missed rows: below 2 incoming x 10
+    assert policy.refresh(slots, counts, step=0, clock=1) == []
+    counts[[3, 5]] = 6  # 8 + 12 = 20 rows of rent: buy both
+    assert sorted(e for _, e in policy.refresh(slots, counts, step=1, clock=2)) == [3, 5]
+    assert policy.refresh(slots, counts, step=2, clock=3) == []  # all hits: no rent, nothing to buy
+    counts[:] = 0
+    counts[7] = 9  # one new expert: 9 rows < 10, then 18 >= 10, and it evicts the least used
+    assert policy.refresh(slots, counts, step=3, clock=4) == []
+    assert policy.refresh(slots, counts, step=4, clock=5) == [(0, 7)]

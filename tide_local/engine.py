@@ -140,7 +140,8 @@ class Engine:
             raise ValueError(f"unknown policy '{policy}' (choose from {', '.join(POLICIES)})")
         self.file = ModelFile(path)
         self.config = self.file.config
-        self.tokenizer = Tokenizer.from_gguf(self.file.gguf)
+        self.tokenizer = Tokenizer.from_gguf(self.file.gguf, vocab_size=self.config.vocab_size,
+                                             max_tokens=self.config.context_length)
         ids = self.file.special_ids
         self.mask_id, self.eos_id = ids["mask"], ids["eos"]
         self.role_end_id = ids.get("role_end")
@@ -169,9 +170,14 @@ class Engine:
                 self.tau, self.plan, self.tau_source = auto.tau, auto.plan, auto.source
             elif policy == "tide":
                 self.tau, self.tau_source = int(tau), "given"
+            prices = None
+            if policy == "adaptive":  # its prices come from the device profile, like tau="auto"'s plan
+                from tide_local.planner.lookup import adaptive_prices
+
+                prices, self.tau_source = adaptive_prices(self.file, self.device)
             weights = Weights(self.file, device_backend)
             self.offload = HybridExperts(self.file, weights, device_backend, self.cpu_backend, self.plan,
-                                         make_policy(policy, self.tau or DEFAULT_TAU, popularity))
+                                         make_policy(policy, self.tau or DEFAULT_TAU, popularity, prices))
         self.model = LLaDA2Model(self.file, weights, self.backend, block_length=self.defaults["block_length"],
                                  experts=self.offload, max_positions=self.n_ctx, timer=self.timer)
 
@@ -204,8 +210,8 @@ class Engine:
 
     # -- inputs ------------------------------------------------------------------------------
     def _ids(self, prompt) -> np.ndarray:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+        if isinstance(prompt, str):  # a text too long for n_ctx is refused before tokenizing (ContextError)
+            ids = self.tokenizer.encode(prompt, max_tokens=self.n_ctx)
         else:
             ids = list(prompt)
             if not all(isinstance(i, (int, np.integer)) for i in ids):

@@ -53,7 +53,8 @@ def add_offload_arguments(group) -> None:
     from tide_local.experts.policies import POLICIES
 
     group.add_argument("--policy", default="tide", choices=POLICIES,
-                       help="tide: refresh the resident experts every TAU steps from the routing (default); swap: "
+                       help="tide: refresh the resident experts every TAU steps from the routing (default); "
+                       "adaptive: refresh when the misses' CPU work since the last refresh pays for the uploads; swap: "
                        "every step; static: never; lru: upload each miss that fits, the rest on the CPU; ondemand: "
                        "upload every miss, nothing on the CPU (Mixtral-Offload); cpu: no experts on the device; "
                        "resident: all experts on the device")
@@ -352,7 +353,8 @@ def _run(args) -> int:
 def offload_table(stats) -> str:
     """Per MoE layer hits, misses and uploads, then totals and where the time went."""
     o = stats.offload
-    lines = [f"expert offload: device {stats.device}, policy {o.policy}" + (f", tau {o.tau}" if o.tau else ""),
+    lines = [f"expert offload: device {stats.device}, policy {o.policy}" + (f", tau {o.tau}" if o.tau else "")
+             + (f" ({o.tau_source})" if o.tau_source and o.tau_source != "given" else ""),
              f"  {'layer':>5} {'hits':>8} {'misses':>8} {'hit rate':>8} {'uploads':>8} {'MB up':>8}"]
     rows = sorted(o.per_layer.items()) + [("all", o)]
     for layer, s in rows:

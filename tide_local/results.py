@@ -34,7 +34,8 @@ class OffloadStats:
 
     policy: str
     tau: int | None  # TIDE's refresh interval (None for other policies)
-    tau_source: str | None  # why that tau: "given", the cached plan, or the default and why
+    tau_source: str | None  # why that tau ("given", the cached plan, or the default and why); for
+    # adaptive, where its prices come from
     per_layer: dict[int, LayerOffload]
     per_step: list[dict]  # per pass: block start, step, tokens, per layer (hits, misses, uploads)
     upload_seconds: float

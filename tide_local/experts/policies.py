@@ -12,6 +12,9 @@ none changes what is computed, only where.
 - static:   a fixed set (popular experts from a trace, else ids 0..B-1), never moved (Fiddler).
 - lru:      upload every needed expert that fits, evicting the least recently used
             (llama.cpp's expert cache); the rest run on the CPU.
+- adaptive: tide without tau: each layer refreshes when the CPU work its misses have cost
+            since its last refresh exceeds the upload cost of the set it would bring in (a
+            ski-rental rule, the paper's stated future work); prices from the device profile.
 - ondemand: Mixtral-Offload: every routed expert runs on the device; each miss is uploaded
             into the LRU cache of slots, nothing runs on the CPU (a pass that needs more
             experts than there are slots runs in rounds).
@@ -21,11 +24,12 @@ none changes what is computed, only where.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
-POLICIES = ("tide", "swap", "static", "lru", "ondemand", "cpu", "resident")
+POLICIES = ("tide", "adaptive", "swap", "static", "lru", "ondemand", "cpu", "resident")
 
 # TIDE's refresh interval in steps when none is given and the planner has no plan for the setting.
 DEFAULT_TAU = 4
@@ -114,6 +118,37 @@ class TidePolicy(Policy):
         uploads = _replace(slots, wanted, counts)
         slots.last_used[[slot for slot, _ in uploads]] = clock
         return uploads
+
+
+class AdaptivePolicy(Policy):
+    """Ski-rental per layer: renting is running misses on the CPU, buying is uploading the layer's
+    top experts (what a TIDE refresh would bring in). Rent accrues per pass, in CPU miss rows:
+    each missed row, plus `expert_rows` per distinct missed expert (reading its weights); buy
+    when the rent since the last refresh reaches `upload_rows` per incoming expert. No tau."""
+
+    name = "adaptive"
+
+    def __init__(self, upload_rows: float, expert_rows: float = 0.0):
+        if not (upload_rows >= 0 and expert_rows >= 0):
+            raise ValueError(f"adaptive prices must be non-negative (got {upload_rows}, {expert_rows})")
+        self.upload_rows, self.expert_rows = float(upload_rows), float(expert_rows)
+        self._rent = weakref.WeakKeyDictionary()  # per layer (its LayerSlots): rent since the last refresh
+
+    def refresh(self, slots, counts, step, clock):
+        resident = slots.slot_of_expert >= 0
+        used = slots.slot_of_expert[np.flatnonzero(counts > 0)]
+        slots.last_used[used[used >= 0]] = clock
+        missed = (counts > 0) & ~resident
+        rent = self._rent.get(slots, 0.0) + counts[missed].sum() + self.expert_rows * missed.sum()
+        wanted = _top_by_count(counts, slots.n_slots, resident)
+        incoming = int(np.count_nonzero(~resident[wanted]))
+        if incoming and rent >= self.upload_rows * incoming:
+            uploads = _replace(slots, wanted, counts)
+            slots.last_used[[slot for slot, _ in uploads]] = clock
+            self._rent[slots] = 0.0
+            return uploads
+        self._rent[slots] = rent
+        return []
 
 
 class SwapPolicy(TidePolicy):
@@ -247,9 +282,15 @@ def refresh_layer(policy: Policy, slots: LayerSlots, experts: np.ndarray, step: 
     return result
 
 
-def make_policy(name: str, tau: int = DEFAULT_TAU, popularity: dict[int, np.ndarray] | None = None) -> Policy:
+def make_policy(name: str, tau: int = DEFAULT_TAU, popularity: dict[int, np.ndarray] | None = None,
+                prices: tuple[float, float] | None = None) -> Policy:
+    """`prices`: adaptive's (upload_rows, expert_rows), see AdaptivePolicy."""
     if name == "tide":
         return TidePolicy(tau)
+    if name == "adaptive":
+        if prices is None:
+            raise ValueError("the adaptive policy needs its prices (upload_rows, expert_rows)")
+        return AdaptivePolicy(*prices)
     if name == "swap":
         return SwapPolicy()
     if name == "static":

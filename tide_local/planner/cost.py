@@ -56,6 +56,13 @@ class Costs:
     # run, each progresses this many times slower, so a layer takes max + (slowdown - 1) * min
     overlap_slowdown: float = 1.0
 
+    def adaptive_prices(self, shape: ModelShape) -> tuple[float, float]:
+        """The adaptive policy's prices in CPU miss rows: (one expert's upload, reading one
+        missed expert's weights on the CPU)."""
+        row = max(self.cpu_per_flop_s * shape.expert_flops_per_row, 1e-15)
+        upload = float(self.upload_seconds(1, shape.expert_bytes)) - self.upload_per_call_s
+        return upload / row, self.cpu_per_weight_byte_s * shape.expert_bytes / row
+
     def upload_seconds(self, experts, expert_bytes: int):
         """One layer uploading `experts` experts (each `copies_per_expert` copies: gate, up, down)."""
         experts = np.asarray(experts)
@@ -311,7 +318,7 @@ def predict_counts(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> 
     )
 
 
-def predict(trace: RoutingTrace, shape: ModelShape, costs: Costs, policy: str, slots: int | dict[int, int], *,
+def predict(trace: RoutingTrace, shape: ModelShape, costs: Costs, policy: Policy | str, slots: int | dict[int, int], *,
             tau: int = DEFAULT_TAU, popularity: dict[int, np.ndarray] | None = None) -> Prediction:
     """Predicted costs of `policy` with `slots` per MoE layer (and `tau` for tide) over `trace`."""
     return predict_counts(replay_counts(trace, policy, slots, tau=tau, popularity=popularity), shape, costs)

@@ -102,3 +102,26 @@ def auto_placement(model_file, memory_plan: MemoryPlan, device: str, default_tau
         return AutoPlacement(default_tau, memory_plan, f"default tau {default_tau}: the cached plan or profile is "
                              f"unusable ({err}); {hint}")
     return AutoPlacement(tau, planned, f"plan {path}")
+
+
+ADAPTIVE_FALLBACK_PRESET = "a100-40gb-pcie4"
+
+
+def adaptive_prices(model_file, device: str) -> tuple[tuple[float, float], str]:
+    """The adaptive policy's prices for this model on `device`, and where they come from: the
+    device's measured profile (`tide profile`), else the fallback preset's specification."""
+    from tide_local.errors import ProfileError
+    from tide_local.planner.profile import default_profile_path, load_profile
+    from tide_local.planner.shape import shape_from_file
+
+    shape = shape_from_file(model_file)
+    path = default_profile_path(device)
+    if path.exists():
+        try:
+            return load_profile(path).costs_for(shape).adaptive_prices(shape), f"profile {path}"
+        except ProfileError as err:
+            why = f"the profile is unusable ({err})"
+    else:
+        why = f"no profile for device '{device}' (run `tide profile --device {device}`)"
+    prices = load_profile(ADAPTIVE_FALLBACK_PRESET).costs_for(shape).adaptive_prices(shape)
+    return prices, f"{ADAPTIVE_FALLBACK_PRESET} specification: {why}"

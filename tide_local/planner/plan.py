@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tide_local.errors import BudgetError
+from tide_local.experts.policies import AdaptivePolicy
 from tide_local.experts.trace import RoutingTrace
 from tide_local.planner.cost import Prediction, check_trace, predict
 from tide_local.planner.milp import (CostTable, Solution, build_cost_table, default_budgets, default_taus,
@@ -82,6 +83,7 @@ def make_plan(trace: RoutingTrace, shape: ModelShape, profile: Profile, budget: 
     predictions = {
         "tide (planned)": predict(trace, shape, costs, "tide", planned.slots, tau=planned.tau),
         "tide (uniform, paper)": predict(trace, shape, costs, "tide", uniform, tau=paper.tau),
+        "adaptive": predict(trace, shape, costs, AdaptivePolicy(*costs.adaptive_prices(shape)), uniform),
         "swap": predict(trace, shape, costs, "swap", uniform),
         "static (oracle)": predict(trace, shape, costs, "static", uniform, popularity=popularity),
         **({"static (held-out)": predict(trace, shape, costs, "static", uniform, popularity=held_out.popularity())}
