@@ -37,7 +37,7 @@ def reference_tokens(model_path):
     "policy, slots, tau",
     [("tide", 6, 4), ("tide", 3, 1), ("tide", 8, 3), ("swap", 6, None), ("static", 6, None),
      ("lru", 6, None), ("lru", 2, None), ("ondemand", 6, None), ("ondemand", 2, None), ("adaptive", 6, None),
-     ("cpu", 0, None)],
+     ("prefetch", 6, 4), ("cpu", 0, None)],
 )
 def test_every_policy_gives_the_resident_tokens(model_path, reference_tokens, policy, slots, tau):
     with tide_local.load(model_path, device="emulated", policy=policy, expert_slots=slots, tau=tau or "auto",
@@ -62,7 +62,7 @@ def test_every_policy_gives_the_resident_tokens(model_path, reference_tokens, po
             assert len(layer_slots.resident()) <= slots
         assert s.upload_bytes == s.uploads * eng.plan.expert_bytes
         # refreshes happen exactly where the policy says
-        if policy in ("tide", "swap"):
+        if policy in ("tide", "swap", "prefetch"):
             every = tau or 1
             for entry in s.per_step:
                 uploads = sum(u for _, _, u in entry["layers"].values())
@@ -196,7 +196,7 @@ def test_info_memory_plan(model_path, capsys):
 
 @pytest.mark.parametrize("policy, slots, tau", [("tide", 5, 3), ("swap", 4, None), ("lru", 6, None),
                                                 ("static", 6, None), ("ondemand", 3, None), ("adaptive", 5, None),
-                                                ("cpu", 0, None)])
+                                                ("prefetch", 5, 2), ("cpu", 0, None)])
 def test_replaying_a_trace_reproduces_the_engine_counts(model_path, policy, slots, tau):
     from tide_local.experts.replay import replay
 
@@ -278,3 +278,14 @@ def test_adaptive_refreshes_when_the_rent_reaches_the_upload_price():
     counts[7] = 9  # one new expert: 9 rows < 10, then 18 >= 10, and it evicts the least used
     assert policy.refresh(slots, counts, step=3, clock=4) == []
     assert policy.refresh(slots, counts, step=4, clock=5) == [(0, 7)]
+
+
+def test_prefetch_chooses_from_the_previous_pass():
+    from tide_local.experts.policies import PrefetchPolicy
+
+    policy, slots = PrefetchPolicy(tau=1), LayerSlots(1, 8)
+    first, second = np.zeros(8, dtype=np.int64), np.zeros(8, dtype=np.int64)
+    first[2], second[6] = 5, 5
+    assert policy.refresh(slots, first, step=0, clock=1) == [(0, 2)]  # nothing earlier: its own counts
+    assert policy.refresh(slots, second, step=1, clock=2) == []  # still the previous pass's favourite
+    assert policy.refresh(slots, second, step=2, clock=3) == [(0, 6)]

@@ -163,12 +163,12 @@ class Engine:
             if expert_slots is not None:  # a budget stated as slots per layer (studies, benchmarks)
                 gpu_memory = budget_for_slots(self.file, expert_slots, self.n_ctx)
             self.plan = self._plan(device_backend, gpu_memory, policy)
-            if policy == "tide" and tau == "auto":  # the cached plan of `tide plan`, else DEFAULT_TAU (and why)
+            if policy in ("tide", "prefetch") and tau == "auto":  # the cached plan of `tide plan`, else DEFAULT_TAU (and why)
                 from tide_local.planner.lookup import auto_placement
 
                 auto = auto_placement(self.file, self.plan, self.device, DEFAULT_TAU)
                 self.tau, self.plan, self.tau_source = auto.tau, auto.plan, auto.source
-            elif policy == "tide":
+            elif policy in ("tide", "prefetch"):
                 self.tau, self.tau_source = int(tau), "given"
             prices = None
             if policy == "adaptive":  # its prices come from the device profile, like tau="auto"'s plan

@@ -54,7 +54,8 @@ def add_offload_arguments(group) -> None:
 
     group.add_argument("--policy", default="tide", choices=POLICIES,
                        help="tide: refresh the resident experts every TAU steps from the routing (default); "
-                       "adaptive: refresh when the misses' CPU work since the last refresh pays for the uploads; swap: "
+                       "prefetch: tide choosing from the layer's previous pass; adaptive: refresh when the misses' CPU "
+                       "work since the last refresh pays for the uploads; swap: "
                        "every step; static: never; lru: upload each miss that fits, the rest on the CPU; ondemand: "
                        "upload every miss, nothing on the CPU (Mixtral-Offload); cpu: no experts on the device; "
                        "resident: all experts on the device")

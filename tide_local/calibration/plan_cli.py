@@ -76,7 +76,7 @@ def print_plan(result: PlanResult, out=None) -> None:
     for label, pred in result.predictions.items():
         vals = list(pred.slots.values())
         slots = str(vals[0]) if len(set(vals)) == 1 else f"{min(vals)}-{max(vals)}"
-        tau = pred.tau if pred.policy == "tide" else (1 if pred.policy == "swap" else "-")
+        tau = pred.tau if pred.policy in ("tide", "prefetch") else (1 if pred.policy == "swap" else "-")
         w(f"{label:<22} {tau!s:>4} {slots:>9} {pred.hit_rate:>8.3f} {pred.uploads_per_block:>8.1f} "
           f"{pred.upload_seconds_per_block:>9.4f} {pred.cpu_token_slots_per_block:>9.1f} "
           f"{pred.cpu_seconds_per_block:>8.4f} {pred.device_seconds_per_block:>8.4f} {pred.block_seconds:>8.4f} "

@@ -8,6 +8,9 @@ none changes what is computed, only where.
 - tide:     at a block's step 0 and every `tau` steps, make the resident set the top-B
             experts by routed count (the least-used residents are evicted); between
             refreshes the placement is fixed and misses run on the CPU.
+- prefetch: tide whose refresh set comes from the layer's previous pass (routing known before
+            the pass starts), so its uploads can overlap earlier work; misses still run, so a
+            wrong guess costs time, never tokens.
 - swap:     tide with tau = 1 (Mixtral-Offload: migrate every step).
 - static:   a fixed set (popular experts from a trace, else ids 0..B-1), never moved (Fiddler).
 - lru:      upload every needed expert that fits, evicting the least recently used
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-POLICIES = ("tide", "adaptive", "swap", "static", "lru", "ondemand", "cpu", "resident")
+POLICIES = ("tide", "prefetch", "adaptive", "swap", "static", "lru", "ondemand", "cpu", "resident")
 
 # TIDE's refresh interval in steps when none is given and the planner has no plan for the setting.
 DEFAULT_TAU = 4
@@ -90,6 +93,7 @@ def _replace(slots: LayerSlots, wanted: np.ndarray, counts: np.ndarray) -> list[
 class Policy:
     name = "policy"
     device_only = False  # True: every routed expert runs on the device, in rounds if need be
+    prefetches = False  # True: its uploads are known before the pass starts (they can overlap)
 
     def initial(self, layer: int, slots: LayerSlots) -> list[tuple[int, int]]:
         """Uploads at load time."""
@@ -116,6 +120,29 @@ class TidePolicy(Policy):
             return []
         wanted = _top_by_count(counts, slots.n_slots, slots.slot_of_expert >= 0)
         uploads = _replace(slots, wanted, counts)
+        slots.last_used[[slot for slot, _ in uploads]] = clock
+        return uploads
+
+
+class PrefetchPolicy(TidePolicy):
+    """TIDE's refresh schedule with the set chosen from the layer's previous pass: known before
+    this pass starts, so the uploads can be issued early (overlap with earlier layers is the
+    accelerator's: the cost model counts it; the engine still uploads in place)."""
+
+    name = "prefetch"
+    prefetches = True
+
+    def __init__(self, tau: int):
+        super().__init__(tau)
+        self._previous = weakref.WeakKeyDictionary()  # per layer (its LayerSlots): last pass's counts
+
+    def refresh(self, slots, counts, step, clock):
+        known = self._previous.get(slots, counts)  # the first pass has nothing earlier to go by
+        self._previous[slots] = counts.copy()
+        if step % self.tau:
+            return []
+        wanted = _top_by_count(known, slots.n_slots, slots.slot_of_expert >= 0)
+        uploads = _replace(slots, wanted, known)
         slots.last_used[[slot for slot, _ in uploads]] = clock
         return uploads
 
@@ -287,6 +314,8 @@ def make_policy(name: str, tau: int = DEFAULT_TAU, popularity: dict[int, np.ndar
     """`prices`: adaptive's (upload_rows, expert_rows), see AdaptivePolicy."""
     if name == "tide":
         return TidePolicy(tau)
+    if name == "prefetch":
+        return PrefetchPolicy(tau)
     if name == "adaptive":
         if prices is None:
             raise ValueError("the adaptive policy needs its prices (upload_rows, expert_rows)")

@@ -120,6 +120,7 @@ class PlacementCounts:
     cpu_experts: np.ndarray  # distinct experts among the misses
     device_experts: np.ndarray  # distinct slots the device graph reads (0 when the layer has none)
     device_calls: np.ndarray | None = None  # device graph runs (rounds of a device-only policy); None: 1
+    prefetched: bool = False  # the uploads were chosen before the pass (they overlap the layer's fixed work)
 
     @property
     def n_blocks(self) -> int:
@@ -190,7 +191,8 @@ def replay_counts(trace: RoutingTrace, policy: Policy | str, slots: int | dict[i
             arrays["calls"][i, j] = 1 + len(refresh.rounds)
     return PlacementCounts(name, getattr(policy, "tau", None), dict(per_layer), layers, kinds, start, step, tokens,
                            logits.astype(bool), _blocks(kinds, [int(x) for x in start]), arrays["hits"],
-                           arrays["misses"], arrays["uploads"], arrays["cpu"], arrays["device"], arrays["calls"])
+                           arrays["misses"], arrays["uploads"], arrays["cpu"], arrays["device"], arrays["calls"],
+                           policy.prefetches)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -243,6 +245,8 @@ def layer_times(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> Lay
                       costs.device_seconds(tokens * K, counts.device_experts, shape, calls), 0.0)
     keys = (counts.start + counts.tokens)[:, None]
     fixed = np.broadcast_to(costs.layer_fixed_seconds(tokens, keys), upload.shape).astype(float)
+    if counts.prefetched:  # issued before the layer's attention and router run: only the excess shows
+        upload = np.maximum(0.0, upload - fixed)
     return LayerTimes(upload, transfer, cpu, device, fixed, costs.overlap_slowdown)
 
 
@@ -298,7 +302,7 @@ def predict_counts(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> 
     hits, misses = counts.hits[decode].sum(), counts.misses[decode].sum()
     layer_var = t.variable
     return Prediction(
-        policy=counts.policy, tau=counts.tau if counts.policy == "tide" else None, slots=counts.slots,
+        policy=counts.policy, tau=counts.tau if counts.policy in ("tide", "prefetch") else None, slots=counts.slots,
         blocks=counts.n_blocks, block_seconds=block_seconds,
         step_seconds=float(pass_seconds[steps].mean()) if steps.any() else 0.0,
         steps_per_block=float(steps.sum() / n_blocks),
