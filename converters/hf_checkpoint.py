@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from tide_local.errors import CheckpointError, UnsupportedModelError
-from tide_local.architecture import HF_ARCHITECTURES, HF_MODEL_TYPES, LLaDA2Config, hf_shape, tensor_specs
+from tide_local.architecture import HF_ARCHITECTURES, HF_MODEL_TYPES, HF_NAMES, LLaDA2Config, hf_shape, tensor_specs
+from tide_local.units import human_bytes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER = 100 << 20
 
 _DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
+_MIN_SOURCE_BYTES_PER_VALUE = min(_DTYPES.values())
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,25 @@ class HFCheckpoint:
             self.config = LLaDA2Config.from_hf(self.hf_config)
         except KeyError as err:
             raise CheckpointError(f"{config_path}: missing field {err.args[0]}") from None
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{config_path}: bad value ({err})") from None
-        problems = self.config.check()
+        except (TypeError, ValueError, ArithmeticError) as err:
+            raise CheckpointError(f"{config_path}: bad value: {err}") from None
+        problems = self.config.check(HF_NAMES)
         if problems:
             raise CheckpointError(f"{config_path}: {problems[0]}")
-        self.tensors = self._index_tensors()
+        # The shards' sizes bound what config.json may claim, before anything is read or built
+        # per layer or per expert.
+        shards, weight_map, index_path = self._shards()
+        on_disk = sum((self.dir / shard).stat().st_size for shard in shards)
+        need = _MIN_SOURCE_BYTES_PER_VALUE * sum(self.config.n_values())
+        if need > on_disk:
+            cfg = self.config
+            raise CheckpointError(
+                f"{config_path}: these hyperparameters ({cfg.n_layers:,} layers, {cfg.n_experts:,} experts, "
+                f"hidden size {cfg.hidden_size:,}, vocabulary {cfg.vocab_size:,}) need at least {human_bytes(need)} "
+                f"of weights but the checkpoint's safetensors files hold only {human_bytes(on_disk)} (a truncated "
+                "download, or a config.json that does not match the weights)"
+            )
+        self.tensors = self._index_tensors(shards, weight_map, index_path)
         self.specs = tensor_specs(self.config)
         self._check_tensors()
         self.tokenizer_path = self.dir / "tokenizer.json"
@@ -139,25 +154,31 @@ class HFCheckpoint:
                 f"{config_path}: expert_capacity > 0 means LLaDA2.2 block routing, which is not supported"
             )
 
-    def _index_tensors(self) -> dict[str, SourceTensor]:
+    def _shards(self) -> tuple[list[str], dict | None, Path]:
+        """The shard file names (checked to exist), the index's weight map (None: one file)."""
         index_path = self.dir / INDEX_FILE
         if index_path.is_file():
             weight_map = _read_json(index_path, INDEX_FILE).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: no weight_map")
+            if not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_path}: weight_map values must be shard file names")
             shards = sorted(set(weight_map.values()))
         elif (self.dir / SINGLE_FILE).is_file():
             weight_map, shards = None, [SINGLE_FILE]
         else:
             raise CheckpointError(f"{self.dir}: no {INDEX_FILE} and no {SINGLE_FILE}")
-        tensors: dict[str, SourceTensor] = {}
         for shard in shards:
-            path = self.dir / shard
             if Path(shard).name != shard:
                 raise CheckpointError(f"{index_path}: shard name '{shard}' is not a plain file name")
-            if not path.is_file():
-                raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} is missing")
-            tensors.update(read_safetensors_header(path))
+            if not (self.dir / shard).is_file():
+                raise CheckpointError(f"{self.dir / shard}: shard listed in {INDEX_FILE} is missing")
+        return shards, weight_map, index_path
+
+    def _index_tensors(self, shards: list[str], weight_map: dict | None, index_path: Path) -> dict[str, SourceTensor]:
+        tensors: dict[str, SourceTensor] = {}
+        for shard in shards:
+            tensors.update(read_safetensors_header(self.dir / shard))
         if weight_map is not None:
             for name, shard in weight_map.items():
                 if name not in tensors or tensors[name].path.name != shard:

@@ -291,7 +291,7 @@ def test_plan_prints_the_choice_and_the_baselines(model_path, recorded_trace, tm
     assert code == 0, out.err
     text = out.out
     assert "chosen: tau" in text and "ESTIMATE" in text
-    for label in ("tide (planned)", "tide (uniform, paper)", "prefetch (tau as planned)", "adaptive", "swap", "static (oracle)", "lru", "ondemand",
+    for label in ("tide (planned)", "tide (uniform, paper)", "prefetch (planned)", "adaptive", "swap", "static (oracle)", "lru", "ondemand",
                   "cpu"):
         assert label in text
     assert "static (held-out)" not in text

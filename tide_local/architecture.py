@@ -9,8 +9,11 @@ first), the reverse of the Hugging Face / torch order.
 from __future__ import annotations
 
 import math
-
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as _T
 
 ARCH = "llada2"
 HF_MODEL_TYPES = ("llada2_moe",)
@@ -40,6 +43,31 @@ SPECIAL_TOKEN_KEYS = {
 }
 
 EXPERT_PROJECTIONS = ("gate", "up", "down")
+
+# The ggml types a tensor may have, checked before ggml sees the file (ggml itself does not
+# check: a matrix it cannot dot segfaults in compute, a norm that is not F32 aborts).
+# Matrices go through mul_mat / mul_mat_id (the embedding table through ggml's to_float on
+# the host): the float types and the block types ggml's CPU backend has a vec_dot for and
+# dequantizes. This is an explicit list (our ggml layer does not expose the CPU backend's
+# type traits; tests/test_hostile_files.py checks it against them): I8..I64, F64, Q8_1 and
+# Q8_K have no vec_dot; TQ1_0/TQ2_0, MXFP4, NVFP4 and Q1_0 are left out as formats that
+# `tide convert` never writes and not every device backend multiplies.
+MATRIX_TYPES = frozenset(int(t) for t in (
+    _T.F32, _T.F16, _T.BF16,
+    _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q8_0,
+    _T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K,
+    _T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S, _T.IQ1_S, _T.IQ1_M, _T.IQ4_NL, _T.IQ4_XS,
+))
+# Norm weights (a binary mul with F32 activations), the router and the expert bias (read on the host).
+F32_TYPES = frozenset({int(_T.F32)})
+# The fewest bytes a matrix value can take in a file (IQ1_S: 50 bytes per 256 values).
+MIN_MATRIX_BYTES_PER_VALUE = min(Fraction(GGML_QUANT_SIZES[_T(t)][1], GGML_QUANT_SIZES[_T(t)][0])
+                                 for t in MATRIX_TYPES)
+
+
+def type_names(types) -> str:
+    """'F32, F16, ...' for messages."""
+    return ", ".join(_T(t).name for t in sorted(types))
 
 
 @dataclass(frozen=True)
@@ -78,58 +106,117 @@ class LLaDA2Config:
     def moe_layers(self) -> range:
         return range(self.n_dense_layers, self.n_layers)
 
-    def check(self) -> list[str]:
-        """Inconsistencies that make the model unrunnable (empty when fine)."""
+    def check(self, names: dict[str, str] | None = None) -> list[str]:
+        """Inconsistencies that make the model unrunnable (empty when fine). `names` maps a
+        field to what the source calls it (a config.json field, a GGUF key) for the messages."""
+        def name(field: str) -> str:
+            return (names or {}).get(field, field)
+
         problems = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and value <= 0 and f.name != "n_dense_layers":
-                problems.append(f"{f.name} must be positive (got {value})")
+            if f.name in _FLOAT_FIELDS:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    problems.append(f"{name(f.name)} must be a finite number (got {value!r})")
+                continue
+            low = 0 if f.name in _MAY_BE_ZERO else 1
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name(f.name)} must be an integer (got {value!r})")
+            elif not low <= value <= MAX_DIMENSION:
+                what = "at least 0" if low == 0 else "positive"
+                problems.append(f"{name(f.name)} must be {what} and at most {MAX_DIMENSION:,} (got {value:,})")
         if problems:
             return problems
+        for field, low, high, rule in _FLOAT_RANGES:
+            value = getattr(self, field)
+            if not (low < value and (high is None or value < high)):
+                problems.append(f"{name(field)} must be {rule} (got {value!r})")
         if self.n_heads % self.n_kv_heads:
-            problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            problems.append(f"{name('n_heads')} {self.n_heads} is not a multiple of "
+                            f"{name('n_kv_heads')} {self.n_kv_heads}")
         if self.n_experts % self.n_groups:
-            problems.append(f"n_experts {self.n_experts} is not a multiple of n_groups {self.n_groups}")
+            problems.append(f"{name('n_experts')} {self.n_experts} is not a multiple of {name('n_groups')} {self.n_groups}")
         if not self.n_groups_used <= self.n_groups:
-            problems.append(f"n_groups_used {self.n_groups_used} exceeds n_groups {self.n_groups}")
+            problems.append(f"{name('n_groups_used')} {self.n_groups_used} exceeds {name('n_groups')} {self.n_groups}")
         if self.n_experts_used > self.n_groups_used * (self.n_experts // self.n_groups):
-            problems.append("n_experts_used exceeds the experts of the kept groups")
+            problems.append(f"{name('n_experts_used')} {self.n_experts_used} exceeds the experts of the kept groups")
         if self.rotary_dim > self.head_dim or self.rotary_dim % 2:
-            problems.append(f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+            problems.append(f"{name('rotary_dim')} {self.rotary_dim} must be even and at most "
+                            f"{name('head_dim')} {self.head_dim}")
         if self.n_dense_layers > self.n_layers:
-            problems.append("more dense layers than layers")
+            problems.append(f"{name('n_dense_layers')} {self.n_dense_layers} exceeds {name('n_layers')} {self.n_layers}")
         return problems
+
+    # -- what the tensors of this model add up to (no tensor list needed) -------------------
+    @property
+    def n_tensors(self) -> int:
+        """How many tensors the GGUF has: len(tensor_specs(self)), without building them."""
+        moe = self.n_layers - self.n_dense_layers
+        per_moe = 6 + 2 + len(EXPERT_PROJECTIONS) + (3 if self.n_shared_experts else 0)
+        return len(MODEL_TENSORS) + self.n_dense_layers * (6 + 3) + moe * per_moe
+
+    def n_values(self) -> tuple[int, int]:
+        """(values of the F32-only tensors, values of the matrices) of the whole model, without
+        building its tensor list: what a file of it must hold at the least."""
+        H, V, hd = self.hidden_size, self.vocab_size, self.head_dim
+        E, M, S = self.n_experts, self.expert_ffn_dim, self.expert_ffn_dim * self.n_shared_experts
+        moe = self.n_layers - self.n_dense_layers
+        attention = H * self.qkv_dim + self.n_heads * hd * H
+        vectors = H + self.n_layers * (2 * H + 2 * hd) + moe * (H * E + E)
+        matrices = 2 * H * V + self.n_layers * attention + self.n_dense_layers * 3 * H * self.ffn_dim
+        matrices += moe * (3 * H * M * E + 3 * H * S)
+        return vectors, matrices
+
+    def min_gguf_bytes(self) -> int:
+        """The fewest bytes of tensor data a GGUF of this model can have: F32 vectors, and
+        matrices in the smallest type a matrix may have."""
+        vectors, matrices = self.n_values()
+        return 4 * vectors + math.floor(matrices * MIN_MATRIX_BYTES_PER_VALUE)
 
     # -- Hugging Face config.json ---------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict) -> "LLaDA2Config":
-        """From a LLaDA2.0 config.json; raises KeyError naming a missing field, ValueError on a bad one."""
-        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+        """From a LLaDA2.0 config.json; raises KeyError naming a missing field, ValueError
+        naming a field of the wrong type (a string, a bool, 12.5 for a count). Ranges are
+        `check(HF_NAMES)`'s business."""
+        def get(key, kind, default=_REQUIRED, *, falsy_default=False):
+            if default is _REQUIRED:
+                value = cfg[key]
+            else:
+                value = cfg.get(key, default)
+                if falsy_default and not value and not isinstance(value, bool):
+                    value = default  # null / 0: the field's default (as transformers reads it)
+            return _typed(key, value, kind)
+
+        hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
+        head_dim = get("head_dim", int, 0, falsy_default=True) or (hidden // heads if heads > 0 else 0)
         if cfg.get("rotary_dim"):
-            rotary_dim = int(cfg["rotary_dim"])
+            rotary_dim = get("rotary_dim", int)
         else:
-            rotary_dim = int(head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
+            factor = get("partial_rotary_factor", float, 1.0)
+            if not (math.isfinite(factor) and 0.0 < factor <= 1.0):
+                raise ValueError(f"partial_rotary_factor must be in (0, 1] (got {factor!r})")
+            rotary_dim = int(head_dim * factor)
         return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            n_layers=int(cfg["num_hidden_layers"]),
-            n_heads=int(cfg["num_attention_heads"]),
-            n_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            vocab_size=get("vocab_size", int),
+            hidden_size=hidden,
+            n_layers=get("num_hidden_layers", int),
+            n_heads=heads,
+            n_kv_heads=get("num_key_value_heads", int, heads, falsy_default=True),
             head_dim=head_dim,
-            ffn_dim=int(cfg["intermediate_size"]),
-            expert_ffn_dim=int(cfg["moe_intermediate_size"]),
-            n_experts=int(cfg["num_experts"]),
-            n_experts_used=int(cfg["num_experts_per_tok"]),
-            n_shared_experts=int(cfg.get("num_shared_experts") or 0),
-            n_groups=int(cfg.get("n_group") or 1),
-            n_groups_used=int(cfg.get("topk_group") or 1),
-            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            ffn_dim=get("intermediate_size", int),
+            expert_ffn_dim=get("moe_intermediate_size", int),
+            n_experts=get("num_experts", int),
+            n_experts_used=get("num_experts_per_tok", int),
+            n_shared_experts=get("num_shared_experts", int, 0, falsy_default=True),
+            n_groups=get("n_group", int, 1, falsy_default=True),
+            n_groups_used=get("topk_group", int, 1, falsy_default=True),
+            routed_scaling_factor=get("routed_scaling_factor", float, 1.0),
+            rope_theta=get("rope_theta", float, 10000.0),
             rotary_dim=rotary_dim,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            context_length=int(cfg.get("max_position_embeddings", 4096)),
-            n_dense_layers=int(cfg.get("first_k_dense_replace", 0)),
+            rms_eps=get("rms_norm_eps", float, 1e-6),
+            context_length=get("max_position_embeddings", int, 4096),
+            n_dense_layers=get("first_k_dense_replace", int, 0),
         )
 
     # -- GGUF metadata ----------------------------------------------------------------
@@ -140,14 +227,58 @@ class LLaDA2Config:
 
     @classmethod
     def from_gguf(cls, metadata: dict) -> "LLaDA2Config":
-        """From GGUF metadata; raises KeyError naming the missing key."""
+        """From GGUF metadata; raises KeyError naming the missing key, ValueError naming a key
+        of the wrong type (integer keys take GGUF integers only, float keys any number).
+        Ranges are `check(GGUF_NAMES)`'s business."""
         values = {}
         for key, attr, cast in _GGUF_KEYS:
             full = f"{ARCH}.{key}"
             if full not in metadata:
                 raise KeyError(full)
-            values[attr] = cast(metadata[full])
+            values[attr] = _typed(full, metadata[full], cast, integral_floats=False)
         return cls(**values)
+
+
+_REQUIRED = object()
+# Fields that are numbers (the rest are counts), those that may be 0, and the ranges of the numbers.
+_FLOAT_FIELDS = frozenset({"routed_scaling_factor", "rope_theta", "rms_eps"})
+_MAY_BE_ZERO = frozenset({"n_dense_layers", "n_shared_experts"})
+_FLOAT_RANGES = (  # (field, exclusive low, exclusive high or None, the rule in words)
+    ("rms_eps", 0.0, 1.0, "in (0, 1)"),
+    ("rope_theta", 1.0, None, "greater than 1"),
+    ("routed_scaling_factor", 0.0, None, "positive"),
+)
+# No dimension or count of a model may exceed this: ggml indexes rows and positions with int32.
+MAX_DIMENSION = 2**31 - 1
+
+
+def _describe(value) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {value}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if value is None:
+        return "null"
+    try:
+        return f"an array of {len(value)} items"
+    except TypeError:
+        return f"a {type(value).__name__}"
+
+
+def _typed(key: str, value, kind: type, *, integral_floats: bool = True):
+    """`value` as `kind` (int or float), or ValueError naming `key`. A count must be an
+    integer (a JSON 4096.0 too, unless `integral_floats` is False); a float field any
+    number. Never a bool, a string or an array."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        expected = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key} is {_describe(value)}, expected {expected}")
+    if kind is int:
+        if isinstance(value, float) and not (integral_floats and value.is_integer()):
+            raise ValueError(f"{key} is {_describe(value)}, expected an integer")
+        return int(value)
+    return float(value)
 
 
 # (key under `llada2.`, field, type) in the order they are written.
@@ -172,6 +303,18 @@ _GGUF_KEYS: tuple[tuple[str, str, type], ...] = (
     ("expert_group_count", "n_groups", int),
     ("expert_group_used_count", "n_groups_used", int),
 )
+
+# How each source names each field: for messages that say what to fix.
+GGUF_NAMES = {attr: f"{ARCH}.{key}" for key, attr, _ in _GGUF_KEYS}
+HF_NAMES = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "ffn_dim": "intermediate_size", "expert_ffn_dim": "moe_intermediate_size", "n_experts": "num_experts",
+    "n_experts_used": "num_experts_per_tok", "n_shared_experts": "num_shared_experts", "n_groups": "n_group",
+    "n_groups_used": "topk_group", "routed_scaling_factor": "routed_scaling_factor", "rope_theta": "rope_theta",
+    "rotary_dim": "rotary_dim", "rms_eps": "rms_norm_eps", "context_length": "max_position_embeddings",
+    "n_dense_layers": "first_k_dense_replace",
+}
 
 # Keys llama.cpp expects that carry no information of ours (constant for the family).
 CONSTANT_ARCH_METADATA = {
@@ -229,7 +372,7 @@ class TensorSpec:
 
     name: str
     ne: tuple[int, ...]
-    hf_names: tuple[str, ...]  # one source, or one per expert (stacked expert-major)
+    hf_names: Sequence[str]  # one source, or one per expert (stacked expert-major; PerExpertNames)
     layer: int | None = None
     always_f32: bool = False  # norms, router, expert bias
     role: str = ""  # key of MODEL_TENSORS (layer None) or LAYER_TENSORS
@@ -237,6 +380,11 @@ class TensorSpec:
     @property
     def is_expert_stack(self) -> bool:
         return len(self.ne) == 3
+
+    @property
+    def allowed_types(self) -> frozenset[int]:
+        """The ggml types this tensor may have in a file (F32 for norms, router, expert bias)."""
+        return F32_TYPES if self.always_f32 else MATRIX_TYPES
 
     @property
     def read_in_part(self) -> bool:
@@ -251,6 +399,39 @@ class TensorSpec:
         return math.prod(self.ne[1:])
 
 
+class PerExpertNames(Sequence):
+    """The Hugging Face names of one projection of every expert of a layer, made on demand:
+    a file claiming millions of experts costs nothing here before its size is checked."""
+
+    __slots__ = ("prefix", "suffix", "n")
+
+    def __init__(self, prefix: str, suffix: str, n: int):
+        self.prefix, self.suffix, self.n = prefix, suffix, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(self.n)))
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return f"{self.prefix}{i}{self.suffix}"
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, PerExpertNames):
+            return (self.prefix, self.suffix, self.n) == (other.prefix, other.suffix, other.n)
+        return isinstance(other, (tuple, list)) and len(other) == self.n and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"PerExpertNames({self.prefix!r}, {self.suffix!r}, {self.n})"
+
+
 def tensor_specs(cfg: LLaDA2Config) -> list[TensorSpec]:
     """Every tensor of the GGUF, in file order, with its Hugging Face source(s)."""
     H, V = cfg.hidden_size, cfg.vocab_size
@@ -263,7 +444,7 @@ def tensor_specs(cfg: LLaDA2Config) -> list[TensorSpec]:
         hf = f"model.layers.{i}."
 
         def add(role, ne, source, f32=False):
-            sources = source if isinstance(source, tuple) else (hf + source,)
+            sources = source if isinstance(source, PerExpertNames) else (hf + source,)
             specs.append(TensorSpec(tensor_name(role, i), ne, sources, layer=i, always_f32=f32, role=role))
 
         add("attn_norm", (H,), "input_layernorm.weight", True)
@@ -283,7 +464,7 @@ def tensor_specs(cfg: LLaDA2Config) -> list[TensorSpec]:
         add("expert_bias", (E,), "mlp.gate.expert_bias", True)
         for proj in EXPERT_PROJECTIONS:
             ne = (M, H, E) if proj == "down" else (H, M, E)
-            add(f"expert_{proj}", ne, tuple(f"{hf}mlp.experts.{e}.{proj}_proj.weight" for e in range(E)))
+            add(f"expert_{proj}", ne, PerExpertNames(f"{hf}mlp.experts.", f".{proj}_proj.weight", E))
         if cfg.n_shared_experts:
             S = cfg.expert_ffn_dim * cfg.n_shared_experts
             add("shared_gate", (H, S), "mlp.shared_experts.gate_proj.weight")

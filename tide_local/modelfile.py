@@ -2,6 +2,10 @@
 
 Everything that reads a model (`tide info`, the engine) opens it through `ModelFile`, so
 a file that is not a complete LLaDA2 model is refused in one place, with one message.
+GGUF files come from the internet: before ggml sees anything, every key this package reads
+has its type checked, every hyperparameter its range, the tensor count and the file size
+what the hyperparameters imply (before anything is built per layer or expert), and every
+tensor its name, shape and ggml type against what its op accepts (architecture.py).
 """
 
 from __future__ import annotations
@@ -9,9 +13,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from tide_local import architecture
 from tide_local.errors import GGUFError
 from tide_local.gguf import GGUFFile, TensorInfo
+from tide_local.gguf.reader import describe_value
+from tide_local.units import human_bytes
 
 
 @dataclass(frozen=True)
@@ -25,17 +33,53 @@ class ExpertLayout:
         return self.tensor.offset + expert * self.slice_bytes
 
 
+# Other keys this package reads, and what each must be: checked when the file is opened so
+# that no reader meets a value of another type. (The `llada2.` keys: architecture._GGUF_KEYS.)
+_STR, _INT, _NUMBER, _STR_LIST = "a string", "an integer", "a number", "an array of strings"
+_KEY_KINDS = {
+    "general.architecture": _STR,
+    "general.name": _STR,
+    "tide.output_type": _STR,
+    "tide.type_fallbacks": _STR_LIST,
+    "tide.block_length": _INT,
+    "tide.steps": _INT,
+    "tide.threshold": _NUMBER,
+    "tokenizer.huggingface.json": _STR,
+    "tokenizer.chat_template": _STR,
+    "tokenizer.ggml.tokens": _STR_LIST,
+    **{key: _INT for key in architecture.SPECIAL_TOKEN_KEYS.values()},
+}
+
+
+def _is_kind(value, kind: str) -> bool:
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _STR_LIST:  # an empty array may have been written with any item type
+        return (isinstance(value, list) and all(isinstance(v, str) for v in value)) or (
+            isinstance(value, np.ndarray) and value.size == 0)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (kind == _NUMBER and isinstance(value, float))
+
+
 class ModelFile:
     def __init__(self, path: str | os.PathLike):
-        self.gguf = GGUFFile(path)
+        # The header is judged as soon as its metadata is read: a foreign or impossible file
+        # is refused before its tensor infos cost anything.
+        self.gguf = GGUFFile(path, before_tensors=self._check_header)
         try:
             self._validate()
         except Exception:
             self.gguf.close()
             raise
 
-    def _validate(self) -> None:
-        g = self.gguf
+    def _check_header(self, g: GGUFFile, n_tensors: int) -> None:
+        """Metadata types and values, and the tensor count and file size the hyperparameters
+        imply, before any tensor info is parsed or anything is built per layer or expert."""
+        for key, kind in _KEY_KINDS.items():
+            if key in g.metadata and not _is_kind(g.metadata[key], kind):
+                raise GGUFError(f"{g.path}: metadata key {key} has GGUF type {g.value_type_name(key)} "
+                                f"({describe_value(g.metadata[key])}), expected {kind}")
         arch = g.get("general.architecture")
         if arch != architecture.ARCH:
             raise GGUFError(
@@ -47,27 +91,58 @@ class ModelFile:
         except KeyError as err:
             raise GGUFError(f"{g.path}: missing metadata key {err.args[0]}") from None
         except (TypeError, ValueError) as err:
-            raise GGUFError(f"{g.path}: bad metadata value ({err})") from None
-        problems = self.config.check()
+            raise GGUFError(f"{g.path}: metadata key {err}") from None
+        problems = self.config.check(architecture.GGUF_NAMES)
         if problems:
             raise GGUFError(f"{g.path}: inconsistent hyperparameters: {problems[0]}")
-        self.specs = architecture.tensor_specs(self.config)
+        cfg = self.config
+        if n_tensors > cfg.n_tensors:
+            raise GGUFError(f"{g.path}: the file has {n_tensors:,} tensors but a LLaDA2 model with its hyperparameters "
+                            f"has {cfg.n_tensors:,}")
+        need = cfg.min_gguf_bytes()
+        if need > g.file_size:
+            raise GGUFError(
+                f"{g.path}: its hyperparameters ({cfg.n_layers:,} layers, {cfg.n_experts:,} experts, hidden size "
+                f"{cfg.hidden_size:,}, vocabulary {cfg.vocab_size:,}) need at least {human_bytes(need)} of tensors "
+                f"but the file is only {human_bytes(g.file_size)} (truncated, or hyperparameters that do not match "
+                "its tensors)"
+            )
+
+    def _validate(self) -> None:
+        g = self.gguf
+        cfg = self.config
+        self.specs = architecture.tensor_specs(cfg)
         for spec in self.specs:
             info = g.tensors.get(spec.name)
             if info is None:
                 raise GGUFError(f"{g.path}: tensor {spec.name} is missing")
             if info.ne != spec.ne:
                 raise GGUFError(f"{g.path}: tensor {spec.name} has shape {list(info.ne)}, expected {list(spec.ne)}")
+            if info.ggml_type not in spec.allowed_types:
+                raise GGUFError(f"{g.path}: tensor {spec.name} has type {info.type_name}, which the model cannot "
+                                f"use there (allowed: {architecture.type_names(spec.allowed_types)})")
         self.special_ids = {}
         for role, key in architecture.SPECIAL_TOKEN_KEYS.items():
             value = g.get(key)
             if value is not None:
-                if not 0 <= int(value) < self.config.vocab_size:
+                if not 0 <= value < cfg.vocab_size:
                     raise GGUFError(f"{g.path}: {key} = {value} is outside the vocabulary")
-                self.special_ids[role] = int(value)
+                self.special_ids[role] = value
         for role in ("mask", "eos"):
             if role not in self.special_ids:
                 raise GGUFError(f"{g.path}: metadata has no {architecture.SPECIAL_TOKEN_KEYS[role]}")
+        self._decoding = {
+            "block_length": g.get("tide.block_length", architecture.DEFAULT_BLOCK_LENGTH),
+            "steps": g.get("tide.steps", architecture.DEFAULT_STEPS),
+            "threshold": float(g.get("tide.threshold", architecture.DEFAULT_THRESHOLD)),
+        }
+        rules = {"block_length": (1 <= self._decoding["block_length"] <= cfg.context_length,
+                                  f"in 1..{cfg.context_length} (the model's context)"),
+                 "steps": (1 <= self._decoding["steps"] <= architecture.MAX_DIMENSION, "a positive integer"),
+                 "threshold": (0.0 < self._decoding["threshold"] <= 1.0, "in (0, 1]")}  # NaN fails too
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                raise GGUFError(f"{g.path}: metadata key tide.{name} = {self._decoding[name]!r} must be {rule}")
 
     # -- what the engine and `tide info` need ------------------------------------------
     @property
@@ -104,12 +179,8 @@ class ModelFile:
         return fixed + sum(n * self.one_expert_bytes(layer) for layer, n in distinct_experts.items())
 
     def decoding_defaults(self) -> dict:
-        g = self.gguf
-        return {
-            "block_length": int(g.get("tide.block_length", architecture.DEFAULT_BLOCK_LENGTH)),
-            "steps": int(g.get("tide.steps", architecture.DEFAULT_STEPS)),
-            "threshold": float(g.get("tide.threshold", architecture.DEFAULT_THRESHOLD)),
-        }
+        """block_length, steps and threshold from the file (checked when it was opened)."""
+        return dict(self._decoding)
 
     def close(self) -> None:
         self.gguf.close()

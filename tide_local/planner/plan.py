@@ -83,7 +83,7 @@ def make_plan(trace: RoutingTrace, shape: ModelShape, profile: Profile, budget: 
     predictions = {
         "tide (planned)": predict(trace, shape, costs, "tide", planned.slots, tau=planned.tau),
         "tide (uniform, paper)": predict(trace, shape, costs, "tide", uniform, tau=paper.tau),
-        "prefetch (tau as planned)": predict(trace, shape, costs, "prefetch", planned.slots, tau=planned.tau),
+        "prefetch (planned)": predict(trace, shape, costs, "prefetch", planned.slots, tau=planned.tau),
         "adaptive": predict(trace, shape, costs, AdaptivePolicy(*costs.adaptive_prices(shape)), uniform),
         "swap": predict(trace, shape, costs, "swap", uniform),
         "static (oracle)": predict(trace, shape, costs, "static", uniform, popularity=popularity),
