@@ -291,8 +291,8 @@ def test_plan_prints_the_choice_and_the_baselines(model_path, recorded_trace, tm
     assert code == 0, out.err
     text = out.out
     assert "chosen: tau" in text and "ESTIMATE" in text
-    for label in ("tide (planned)", "tide (uniform, paper)", "prefetch (planned)", "adaptive", "swap", "static (oracle)", "lru", "ondemand",
-                  "cpu"):
+    for label in ("tide (planned)", "tide (uniform, paper)", "prefetch (planned)", "adaptive", "swap",
+                  "static (oracle)", "lru", "ondemand", "cpu"):
         assert label in text
     assert "static (held-out)" not in text
     # a popularity trace for the static baseline: with the planned trace itself it is the oracle again
