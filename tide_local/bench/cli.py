@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from tide_local.errors import TideError, UsageError
+from tide_local.errors import UsageError
 from tide_local.ggml.backend import usable_cores
 from tide_local.progress import human_bytes
 

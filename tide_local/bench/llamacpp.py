@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tide_local.errors import LlamaCppError, TideError
+from tide_local.errors import LlamaCppError
 from tide_local.gguf import GGUFFile, GGUFStreamWriter
 from tide_local.architecture import ARCH
 from tide_local.progress import Progress, human_bytes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tide_local.errors import TideError, TraceError
+from tide_local.errors import TraceError
 
 TRACE_VERSION = 2  # 2: passes carry kind and block (version 1 files are read with both inferred)
 

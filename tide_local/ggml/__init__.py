@@ -79,6 +79,7 @@ __all__ = [
     "set_log_mode",
     "type_name",
     "type_size",
+    "wrap_host_memory",
 ]
 
 
