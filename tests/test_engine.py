@@ -198,3 +198,50 @@ def test_quantized_model_is_close(checkpoint, reference, tmp_path):
         assert rel < 0.15
         assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.8
         assert len(eng.generate(ids, max_new_tokens=20).tokens) == 20
+
+
+def test_one_engine_serves_threads_one_call_at_a_time(engine):
+    """Calls from several threads take turns: each gets exactly its solo result."""
+    import threading
+
+    prompts = [_prompt(20 + 7 * i, seed=i) for i in range(4)]
+    solo = [engine.generate(p, max_new_tokens=40).tokens for p in prompts]
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = engine.generate(prompts[i], max_new_tokens=40).tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == solo
+
+
+def test_a_second_call_inside_an_open_stream_is_refused(engine):
+    from tide_local.errors import EngineBusyError
+
+    events = engine.stream([1, 2, 3], max_new_tokens=40)
+    next(events)  # the stream holds the engine
+    with pytest.raises(EngineBusyError, match="still generating"):
+        engine.generate([4, 5], max_new_tokens=8)
+    events.close()  # closing it frees the engine
+    assert len(engine.generate([4, 5], max_new_tokens=8).tokens) <= 8
+
+
+def test_a_model_file_changed_on_disk_is_refused(checkpoint, tmp_path):
+    import os
+
+    from tide_local.errors import GGUFError
+
+    path = tmp_path / "tiny.gguf"
+    convert(checkpoint, path, "f32", progress=False)
+    with tide_local.load(path, threads=1) as eng:
+        eng.generate([1, 2], max_new_tokens=8)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten in place, say
+        with pytest.raises(GGUFError, match="changed on disk"):
+            eng.generate([1, 2], max_new_tokens=8)
+        with pytest.raises(GGUFError, match="changed on disk"):
+            eng.logits([1, 2])

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import time
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -19,7 +21,7 @@ from tide_local import ggml
 from tide_local.diffusion import (BlockEvent, DecodeOptions, DecodeResult, PassInfo, StepEvent, WindowModel,
                                   iter_decode)
 from tide_local.diffusion.options import option_default, option_specs
-from tide_local.errors import BudgetError, ContextError, DeviceError
+from tide_local.errors import BudgetError, ContextError, DeviceError, EngineBusyError, GGUFError
 from tide_local.experts.memory import MemoryPlan, budget_for_slots, parse_memory, plan_memory
 from tide_local.experts.offload import HybridExperts
 from tide_local.experts.policies import DEFAULT_TAU, POLICIES, make_policy
@@ -81,6 +83,11 @@ class RecomputeBlockModel(WindowModel):
         return self.model.forward(window, 0, rows=rows, info=info)
 
 
+def _file_identity(path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _resolve_device(device: str, threads: int):
     """(device backend or None for CPU-only, a label)."""
     if device == "cpu":
@@ -139,6 +146,8 @@ class Engine:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy '{policy}' (choose from {', '.join(POLICIES)})")
         self.file = ModelFile(path)
+        self._file_identity = _file_identity(self.file.path)
+        self._lock, self._owner = threading.Lock(), None
         self.config = self.file.config
         self.tokenizer = Tokenizer.from_gguf(self.file.gguf, vocab_size=self.config.vocab_size,
                                              max_tokens=self.config.context_length)
@@ -247,6 +256,32 @@ class Engine:
         raise ContextError(f"a prompt of {n_prompt} tokens plus {max_new_tokens} new tokens needs {needed} positions "
                            f"(whole blocks of {B}) but the context is {self.n_ctx}: {fix}")
 
+    # -- one call at a time --------------------------------------------------------------------
+    @contextmanager
+    def _exclusive(self):
+        """The engine's model and cache serve one call at a time: calls from other threads wait
+        their turn (each result is what it would be alone); a second call in the thread that
+        holds an unfinished stream is refused. The mapped file is checked first."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise EngineBusyError("this engine is still generating in this thread (a stream not run to its end): "
+                                  "finish it or close() it before the next call")
+        with self._lock:
+            self._owner = me
+            try:
+                self._check_file()
+                yield
+            finally:
+                self._owner = None
+
+    def _check_file(self) -> None:
+        """A model file changed under a running engine would be read half old, half new (or kill
+        the process with SIGBUS when it shrank): refuse it before any work."""
+        now = _file_identity(self.file.path)
+        if now != self._file_identity:
+            raise GGUFError(f"{self.file.path}: the file changed on disk since it was loaded (size, time or inode); "
+                            "load it again")
+
     # -- the API -----------------------------------------------------------------------------
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: one full forward of token ids at positions 0..n-1 with the
@@ -254,7 +289,8 @@ class Engine:
         arr = self._ids(ids)
         if len(arr) > self.n_ctx:
             self.check_context(len(arr), 0)
-        return self.model.forward(arr, 0, rows=np.arange(len(arr)))
+        with self._exclusive():
+            return self.model.forward(arr, 0, rows=np.arange(len(arr)))
 
     @_decoding_keywords
     def stream(self, prompt: str | Sequence[int], *, kv_cache: bool = True, stop_ids: Sequence[int] | None = None,
@@ -274,6 +310,10 @@ class Engine:
         return self._stream(ids, opts, kv_cache, [self.eos_id] if stop_ids is None else list(stop_ids), cancel)
 
     def _stream(self, ids, opts: DecodeOptions, kv_cache: bool, stops: list[int], cancel):
+        with self._exclusive():  # taken at the first event, released at the last (or on close)
+            yield from self._decode(ids, opts, kv_cache, stops, cancel)
+
+    def _decode(self, ids, opts: DecodeOptions, kv_cache: bool, stops: list[int], cancel):
         if kv_cache:
             block_model = CachedBlockModel(self.model, opts.block_length)
         else:

@@ -55,6 +55,10 @@ class ContextError(TideError, ValueError):
     (a ValueError too: it is a bad argument of the call)."""
 
 
+class EngineBusyError(TideError):
+    """An engine was asked for a second generation in the thread whose stream is still open."""
+
+
 class BudgetError(TideError):
     """The device memory budget cannot hold what the placement needs."""
 
