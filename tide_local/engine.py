@@ -348,8 +348,11 @@ class Engine:
         return result
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` rendered with the model's chat template, ready for the answer."""
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        """Token ids of `messages` rendered with the model's chat template, ready for the answer.
+        The render and the tokenizing are bounded by the loaded context (n_ctx)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  max_chars=self.tokenizer.text_limit(self.n_ctx))
+        return self.tokenizer.encode(text, max_tokens=self.n_ctx)
 
     def chat_stop_ids(self) -> list[int]:
         return [self.eos_id] + ([self.role_end_id] if self.role_end_id is not None else [])

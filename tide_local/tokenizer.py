@@ -22,6 +22,7 @@ from a file off the internet, so both are bounded, and every way they fail is on
 from __future__ import annotations
 
 import collections
+import collections.abc
 import functools
 import os
 import re
@@ -234,6 +235,8 @@ class Tokenizer:
         except jinja2.exceptions.TemplateNotFound as err:
             raise ChatTemplateError(f"the chat template failed: it includes or imports '{err.name}', and a chat "
                                     "template cannot load other templates") from None
+        except jinja2.exceptions.TemplateSyntaxError as err:
+            raise ChatTemplateError(f"the chat template failed: {err.message} (line {err.lineno})") from None
         except jinja2.exceptions.SecurityError as err:
             raise ChatTemplateError(f"the chat template tried something unsafe: {err}") from None
         except jinja2.exceptions.TemplateError as err:
@@ -252,14 +255,16 @@ class Tokenizer:
 # render itself stops, no thread is left running. _RenderLimit is a BaseException, so no
 # `except Exception` on the way swallows it.
 #
-# Size: a value the template makes is bounded where C code would make it big in one step,
-# before that step: `**` and `*` on integers (bits), `*` and `+` on sequences, `%` and
-# str.format (widths times fields), `~`, the str methods and filters that multiply their
-# input (replace, join, center/ljust/rjust/zfill, expandtabs, translate, indent, wordwrap,
-# batch, slice, tojson with indent), and every value turned into text (its size counts what
-# it holds). Results of calls and filters are checked after. The output stops at max_chars.
-# Pure-Python work (loops, macros) is bounded by the deadline. Loaders are empty ({% include %}
-# finds nothing) and lipsum is gone.
+# Size: every value a template makes stays under max_value (4x the output budget), measured
+# as text (_weight: what containers hold counts, shared or not, as str() would write it). It
+# is checked before the step where C code would make it big at once: `**` and `*` on integers
+# (bits), `*` and `+` on sequences, `%` and str.format (widths times fields), `~`, the str
+# methods and filters that multiply their input (replace, join, center/ljust/rjust/zfill,
+# expandtabs, translate, indent, wordwrap, batch, slice, tojson with indent), list/tuple/dict
+# literals (`[x, x]` nested by {% set %} a hundred times), and every value printed; results of
+# calls and filters are checked after. So no single C operation (str(), ==, join) works on
+# more than max_value; loops and macros are bounded by the deadline; the output stops at
+# max_chars. The loader is empty ({% include %} finds nothing) and lipsum is gone.
 
 _JINJA_DIR = os.path.dirname(jinja2.__file__)
 _THIS_FILE = __file__
@@ -286,9 +291,13 @@ class _Budget:
             raise _RenderLimit(f"{what} would make a value of more than {self.max_value:,} characters")
 
     def check_value(self, value, what: str):
-        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
-            raise _RenderLimit(f"{what} made an integer of more than {MAX_INT_BITS:,} bits")
-        self.check_size(_weight(value, self.max_value), what)
+        if isinstance(value, str):
+            self.check_size(len(value), what)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if value.bit_length() > MAX_INT_BITS:
+                raise _RenderLimit(f"{what} made an integer of more than {MAX_INT_BITS:,} bits")
+        elif not isinstance(value, float):
+            self.check_size(_weight(value, self.max_value, self), what)
         return value
 
     def collect(self, chunks) -> str:
@@ -301,13 +310,16 @@ class _Budget:
         return "".join(out)
 
 
-def _weight(value, limit: int) -> int:
+def _weight(value, limit: int, budget: "_Budget | None" = None) -> int:
     """The size of `value` as text, up to a small factor: characters of strings, one per
     element and per integer digit group, counting what containers hold (shared or not, as
-    str() would); stops once past `limit`."""
-    total, stack = 0, [value]
+    str() would); stops once past `limit` (and at the budget's deadline)."""
+    total, stack, steps = 0, [value], 0
     while stack:
         v = stack.pop()
+        steps += 1
+        if budget is not None and not steps & 0xFFFF:
+            budget.check_time()
         if isinstance(v, (str, bytes, bytearray)):
             total += len(v)
         elif isinstance(v, (list, tuple, set, frozenset, collections.deque)):
@@ -465,13 +477,32 @@ def _bound(func, *args, **kwargs) -> int | None:
 
 
 class _CodeGenerator(CodeGenerator):
+    """Routes `~` and the list, tuple and dict literals of a template through the environment,
+    which measures what they make (`[x, x]` a hundred times over is 2^100 elements as text)."""
+
     def visit_Concat(self, node, frame) -> None:
-        # `a ~ b ~ ...` through the environment, which bounds the joined text
         self.write("environment.concat_values((")
         for arg in node.nodes:
             self.visit(arg, frame)
             self.write(", ")
         self.write("))")
+
+    def _measured(self, visit, node, frame) -> None:
+        self.write("environment.measured(")
+        visit(node, frame)
+        self.write(")")
+
+    def visit_List(self, node, frame) -> None:
+        self._measured(super().visit_List, node, frame)
+
+    def visit_Dict(self, node, frame) -> None:
+        self._measured(super().visit_Dict, node, frame)
+
+    def visit_Tuple(self, node, frame) -> None:
+        if node.ctx == "store":  # `{% for a, b in ... %}`: names, not a value
+            super().visit_Tuple(node, frame)
+        else:
+            self._measured(super().visit_Tuple, node, frame)
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -588,6 +619,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
         return filtered
 
+    def measured(self, value):
+        """A list, tuple or dict literal's value, measured."""
+        return self._budget().check_value(value, "a literal")
+
     def concat_values(self, values) -> str:
         """`a ~ b ~ ...`: the values as text, joined, within the budget."""
         budget = self._budget()
@@ -609,7 +644,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         """A value as output text, measured before str() makes it."""
         if isinstance(value, str):
             return value
-        self._budget().check_size(_weight(value, self._budget().max_value), "printing a value")
+        budget = self._budget()
+        budget.check_size(_weight(value, budget.max_value, budget), "printing a value")
         return str(value)
 
 
