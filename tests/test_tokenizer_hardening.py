@@ -19,6 +19,7 @@ import pytest
 
 import tide_local
 from tide_local import cli
+from tide_local import chat_template
 from tide_local import tokenizer as tokenizer_module
 from tide_local.converters.convert import convert
 from tide_local.converters.testmodel import CHAT_TEMPLATE, build_tokenizer, make_checkpoint
@@ -173,7 +174,7 @@ def test_every_render_failure_is_one_chat_template_error(tokenizer_json, templat
 
 
 def test_an_oversized_template_is_refused(tokenizer_json):
-    template = "{# padding #}" * (tokenizer_module.MAX_TEMPLATE_CHARS // 13 + 1)
+    template = "{# padding #}" * (chat_template.MAX_TEMPLATE_CHARS // 13 + 1)
     with pytest.raises(ChatTemplateError, match="characters, more than"):
         render(tokenizer_json, template)
 
