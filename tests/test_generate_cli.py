@@ -249,3 +249,29 @@ def test_module_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert SUMMARY.match(proc.stderr.strip().splitlines()[-1])
+
+
+def test_offload_options_without_a_gpu_warn_once(model, capsys):
+    from tide_local import ggml
+
+    if ggml.accelerator_devices():
+        pytest.skip("this libggml has a GPU")
+    rc, out, err = gen(model, capsys, "-p", PROMPT, "-n", "8", "--policy", "swap", "--gpu-memory", "1GiB")
+    assert rc == 0 and out
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "no GPU" in warnings[0] and "tide devices" in warnings[0]
+    rc, _, err = gen(model, capsys, "-p", PROMPT, "-n", "8")
+    assert rc == 0 and "warning" not in err
+
+
+def test_devices_lists_the_libggml_devices_and_the_auto_choice(capsys):
+    from tide_local import ggml
+
+    assert cli.main(["devices"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("libggml ") and "CPU" in out and "<- --device auto" in out
+    if not ggml.accelerator_devices():
+        assert "no GPU" in err and "GGML_CUDA=on" in err and "TIDE_GGML_LIB_DIR" in err
+    assert cli.main(["devices", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {d["name"] for d in data["devices"]} >= {"CPU"} and data["auto"]

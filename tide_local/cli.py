@@ -11,6 +11,7 @@ from tide_local.errors import TideError
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("tide_local.converters.convert", "convert a Hugging Face LLaDA2.0 checkpoint to GGUF"),
     "info": ("tide_local.info", "show and validate a LLaDA2 GGUF file"),
+    "devices": ("tide_local.devices_cli", "list the compute devices of the loaded libggml (and the one auto takes)"),
     "generate": ("tide_local.generate_cli", "generate text from a prompt (streamed block by block)"),
     "profile": ("tide_local.calibration.profile_cli", "measure upload, CPU and device expert costs on this machine"),
     "plan": ("tide_local.calibration.plan_cli", "choose TIDE's refresh interval and per-layer expert slots for a budget"),

@@ -65,6 +65,11 @@ def add_offload_arguments(group) -> None:
                        help="context to plan device memory for (default: 4096 or the model's, if smaller)")
 
 
+def offload_options_given(args) -> bool:
+    """Whether the command line asked for something only a device run does."""
+    return args.gpu_memory is not None or args.policy != "tide" or args.tau != "auto"
+
+
 def load_options(args, **extra) -> dict:
     """`tide_local.load` keywords from parsed offload and thread options."""
     return {"device": args.device, "gpu_memory": args.gpu_memory, "policy": args.policy,
@@ -267,6 +272,7 @@ def stats_line(stats, threads: int) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "tide generate") -> int:
     args = build_parser(prog).parse_args(argv)
+    args.prog = prog
     try:
         return _run(args)
     except UsageError as err:
@@ -291,6 +297,11 @@ def _run(args) -> int:
         eng = tide_local.load(path, **load_options(args, popularity=popularity))
     except ValueError as err:  # e.g. an unreadable --gpu-memory
         raise UsageError(str(err)) from None
+    if eng.plan is None and offload_options_given(args):
+        why = "with --device cpu" if args.device == "cpu" else \
+            "no GPU in this libggml (`tide devices` says how to get one)"
+        print(f"{args.prog}: warning: {why}: --gpu-memory, --policy and --tau do nothing; everything runs on the CPU",
+              file=sys.stderr)
     if eng.plan is not None and args.stats and not args.json:
         print(eng.plan.describe(), file=sys.stderr)
     if args.trace:
