@@ -9,6 +9,7 @@ never mapped whole, so memory stays bounded whatever the checkpoint size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class SourceTensor:
 
     @property
     def n_rows(self) -> int:
-        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -82,12 +83,15 @@ def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for {name}") from None
-        if dtype not in _DTYPES:
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (*shape, begin, end)) or not 0 <= begin <= end:
+            raise CheckpointError(f"{path}: corrupt header entry for {name}")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; expected BF16, F16 or F32")
-        if any(n < 0 for n in shape) or end - begin != _DTYPES[dtype] * int(np.prod(shape, dtype=np.int64)):
+        # Python ints: a hostile shape cannot wrap around to match its byte range
+        if any(n < 0 for n in shape) or end - begin != _DTYPES[dtype] * math.prod(shape):
             raise CheckpointError(f"{path}: tensor {name} has inconsistent size in the header")
         if data_start + end > size:
             raise CheckpointError(

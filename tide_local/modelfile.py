@@ -82,8 +82,9 @@ class ModelFile:
                                 f"({describe_value(g.metadata[key])}), expected {kind}")
         arch = g.get("general.architecture")
         if arch != architecture.ARCH:
+            shown = arch if arch is None or len(arch) <= 40 else arch[:37] + "..."
             raise GGUFError(
-                f"{g.path}: architecture is '{arch}', not '{architecture.ARCH}' "
+                f"{g.path}: architecture is '{shown}', not '{architecture.ARCH}' "
                 "(convert a LLaDA2.0 checkpoint with `tide convert`)"
             )
         try:
