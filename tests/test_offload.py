@@ -289,3 +289,16 @@ def test_prefetch_chooses_from_the_previous_pass():
     assert policy.refresh(slots, first, step=0, clock=1) == [(0, 2)]  # nothing earlier: its own counts
     assert policy.refresh(slots, second, step=1, clock=2) == []  # still the previous pass's favourite
     assert policy.refresh(slots, second, step=2, clock=3) == [(0, 6)]
+
+
+def test_every_placement_gives_bit_identical_logits(model_path):
+    """Not just the tokens: the logits of a forward are the same bits for every placement (the
+    device's outputs plus the gathered CPU rows, exact zeros where the other side owns a choice)."""
+    ids = PROMPT[:37]
+    with tide_local.load(model_path, device="cpu", threads=1) as eng:
+        expected = eng.logits(ids)
+    for policy, slots in (("resident", 16), ("tide", 3), ("ondemand", 2), ("cpu", 0), ("lru", 5)):
+        with tide_local.load(model_path, device="emulated", policy=policy, expert_slots=slots, tau=2, n_ctx=N_CTX,
+                             threads=2) as eng:
+            for _ in range(2):  # the second forward meets a refreshed residency
+                assert np.array_equal(eng.logits(ids), expected), policy

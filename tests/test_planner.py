@@ -139,13 +139,14 @@ def test_layer_time_is_uploads_then_the_slower_side_then_fixed_work():
     T, m = counts.tokens[i], counts.misses[i, j]
     up = counts.uploads[i, j] * (3 * costs.upload_per_copy_s + costs.upload_per_byte_s * shape.expert_bytes) + \
         (costs.upload_per_call_s if counts.uploads[i, j] else 0.0)
-    rows = 2 ** int(np.ceil(np.log2(m))) if m else 0
+    rows = -(-m // 8) * 8  # padded to a multiple of 8
     cpu = (costs.cpu_per_call_s + costs.cpu_per_weight_byte_s * counts.cpu_experts[i, j] * shape.expert_bytes
            + costs.cpu_per_flop_s * rows * shape.expert_flops_per_row) if m else 0.0
     dev = costs.device_per_call_s + costs.device_per_weight_byte_s * counts.device_experts[i, j] * shape.expert_bytes \
         + costs.device_per_flop_s * T * shape.n_experts_used * shape.expert_flops_per_row
-    copies = (2 * costs.upload_per_copy_s + costs.upload_per_byte_s * 4 * T * shape.hidden_size
-              * (1 + shape.n_experts_used)) if m else 0.0
+    # the layer's input down, the missed rows and their index up
+    copies = (2 * costs.upload_per_copy_s + costs.upload_per_byte_s * 4 * (T * shape.hidden_size
+              + m * shape.hidden_size + T * shape.n_experts_used)) if m else 0.0
     fixed = costs.layer_s + costs.layer_per_token_s * T + costs.layer_per_token_key_s * T * (counts.start[i] + T)
     assert t.total[i, j] == pytest.approx(up + copies + max(cpu, dev) + fixed)
 

@@ -41,9 +41,17 @@ class Placement:
     device_weights: np.ndarray  # float32 [T, K] routing weight (0 where a miss)
     miss_tokens: np.ndarray  # int [P] token of each missed assignment
     miss_slots: np.ndarray  # int [P] which of the K choices
-    # a device-only policy's further rounds: (uploads, device_ids, device_weights), each run after
-    # the one before, its weights zero where another round (or the CPU) owns the assignment
+    # a device-only policy's further rounds: (uploads, device_ids, device_weights, computed mask),
+    # each run after the one before, its weights zero where another round (or the CPU) owns it
     rounds: list = field(default_factory=list)
+
+    def first_round_mask(self) -> np.ndarray:
+        """bool [T, K]: the assignments the first device round computes."""
+        mask = np.ones(self.device_ids.shape, dtype=bool)
+        mask[self.miss_tokens, self.miss_slots] = False
+        for *_, later in self.rounds:
+            mask &= ~later
+        return mask
 
     @property
     def n_misses(self) -> int:
@@ -52,7 +60,7 @@ class Placement:
     @property
     def n_hits(self) -> int:
         """Assignments of the first round on the device."""
-        return int(np.count_nonzero(self.device_weights)) if self.rounds else self.device_ids.size - self.n_misses
+        return int(self.first_round_mask().sum()) if self.rounds else self.device_ids.size - self.n_misses
 
 
 @dataclass
@@ -104,12 +112,10 @@ class CpuExperts:
         return self._graphs[key]
 
     def run(self, layer: int, x: np.ndarray, routing: Routing, placement: Placement) -> np.ndarray:
-        """Weighted outputs [T, K, H] of the missed assignments (zeros elsewhere)."""
-        T, K = routing.experts.shape
-        y = np.zeros((T, K, self.cfg.hidden_size), dtype=np.float32)
+        """Weighted outputs [n, H] of the n missed assignments, in the placement's miss order."""
         n = placement.n_misses
         if n == 0:
-            return y
+            return np.zeros((0, self.cfg.hidden_size), dtype=np.float32)
         rows = padded_rows(n)
         t, k = placement.miss_tokens, placement.miss_slots
         xs = np.zeros((rows, self.cfg.hidden_size), dtype=np.float32)
@@ -121,8 +127,7 @@ class CpuExperts:
         w[:n] = routing.weights[t, k]
         graph, x_t, ids_t, w_t, out = self._graph(layer, rows)
         self.backend.compute(graph, {x_t: xs, ids_t: ids, w_t: w})
-        y[t, k] = out.get().reshape(rows, self.cfg.hidden_size)[:n]
-        return y
+        return out.get().reshape(rows, self.cfg.hidden_size)[:n]
 
 
 class HybridExperts:
@@ -195,7 +200,7 @@ class HybridExperts:
         self.stats.add(layer, hits=hits, misses=misses)
         self.step_log[-1]["layers"][layer] = (hits, misses, uploads)
         rounds = [(ups, np.where(ids >= 0, ids, 0).astype(np.int32), np.where(ids >= 0, routing.weights, 0.0)
-                   .astype(np.float32)) for ups, ids in refresh.rounds]
+                   .astype(np.float32), ids >= 0) for ups, ids in refresh.rounds]
         if rounds:  # the CPU runs only what no round computes
             miss_t, miss_k = np.nonzero(~hit & np.logical_and.reduce([ids < 0 for _, ids in refresh.rounds]))
         return Placement(
@@ -242,29 +247,35 @@ class HybridExperts:
 
 class _HybridPass:
     """One pass shape: per MoE layer a device graph over the slot pool (its own graph, run while
-    the CPU works), and two per-choice outputs, the device's and the CPU's, whose sum the
-    layer's graph takes. Both outputs hold exact zeros where the other side owns the choice."""
+    the CPU works), and the rows the device did not compute (the CPU's misses; a device-only
+    policy's earlier rounds) gathered into place on the device: the layer's graph takes
+    y_device + gather(rows, index). Only those rows cross to the device, not [T, K, H]; the
+    index points every other choice at row 0, which stays zero, so each side contributes exact
+    zeros where the other owns the choice and the sum is the all-resident one, bit for bit."""
 
     def __init__(self, executor: HybridExperts, ctx: ggml.Context, n_tokens: int, timer: PhaseTimer):
         cfg = executor.cfg
         self.executor, self.ctx, self.timer = executor, ctx, timer
+        self.n_tokens, self.K, self.H = n_tokens, cfg.n_experts_used, cfg.hidden_size
         self.ids = {layer: ctx.new_tensor(I32, ne=(cfg.n_experts_used, n_tokens)) for layer in executor.pools}
         self.weights = {layer: ctx.new_tensor(F32, ne=(1, cfg.n_experts_used, n_tokens)) for layer in executor.pools}
         # shared by the layers of the pass: one layer's outputs are consumed before the next runs
         self.y_device = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, n_tokens))
-        self.y_cpu = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used, n_tokens))
-        self._y_cpu_zero = self._y_device_zero = False
+        self.rows = ctx.new_tensor(F32, ne=(cfg.hidden_size, cfg.n_experts_used * n_tokens + 1))  # row 0: zeros
+        self.index = ctx.new_tensor(I32, ne=(cfg.n_experts_used * n_tokens,))  # choice -> its row, else 0
+        self._zero_row_set = self._index_zero = self._y_device_zero = False
         self.hit_graphs: dict[int, ggml.Graph] = {}
         self.graphs: list[ggml.Graph] = []
 
     def output(self, layer: int, x):
         ctx, pool = self.ctx, self.executor.pools.get(layer)
+        gathered = ctx.reshape(ctx.get_rows(self.rows, self.index), self.H, self.K, self.n_tokens)
         if pool is None:  # no slots in this layer: all on the CPU
-            return self.y_cpu
+            return gathered
         y = routed_experts(ctx, pool, x, self.ids[layer], self.weights[layer])
         self.hit_graphs[layer] = graph = ctx.build_graph(ctx.cpy(y, self.y_device))
         self.graphs.append(graph)
-        return ctx.add(self.y_device, self.y_cpu)
+        return ctx.add(self.y_device, gathered)
 
     def _device_round(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> None:
         self.ids[layer].set(ids)
@@ -282,19 +293,32 @@ class _HybridPass:
         elif layer in self.hit_graphs and not self._y_device_zero:  # no hits: no device work, zeros
             self.y_device.set(np.zeros(self.y_device.shape, dtype=np.float32))
             self._y_device_zero = True
-        earlier = None  # with rounds: the earlier rounds' outputs, summed on the host (exact: each
-        for uploads, ids, weights in placement.rounds:  # assignment is nonzero in one round only)
-            done = self.y_device.get()
-            earlier = done if earlier is None else earlier + done
+        parts, where = [], []  # rows the layer's graph gathers, and the (token, choice) of each
+        previous = placement.first_round_mask()
+        for uploads, ids, weights, mask in placement.rounds:  # a device-only policy's later rounds
+            t, k = np.nonzero(previous)  # the previous round's outputs move to the gathered rows
+            parts.append(self.y_device.get()[t, k])
+            where.append(t * self.K + k)
             executor.upload(layer, uploads)
             self._device_round(layer, ids, weights)
+            previous = mask  # the last round's outputs stay in y_device
         if future is not None:
-            y = executor.wait(future)
-            self.y_cpu.set(y if earlier is None else y + earlier)
-            self._y_cpu_zero = False
-        elif earlier is not None:
-            self.y_cpu.set(earlier)
-            self._y_cpu_zero = False
-        elif not self._y_cpu_zero:
-            self.y_cpu.set(np.zeros(self.y_cpu.shape, dtype=np.float32))
-            self._y_cpu_zero = True
+            parts.append(executor.wait(future))
+            where.append(placement.miss_tokens * self.K + placement.miss_slots)
+        self._gather(parts, where)
+
+    def _gather(self, parts: list[np.ndarray], where: list[np.ndarray]) -> None:
+        if not self._zero_row_set:
+            self.rows.set(np.zeros(self.H, dtype=np.float32), offset=0)
+            self._zero_row_set = True
+        n = sum(len(w) for w in where)
+        if n == 0:
+            if not self._index_zero:
+                self.index.set(np.zeros(self.index.shape, dtype=np.int32))
+                self._index_zero = True
+            return
+        index = np.zeros(self.K * self.n_tokens, dtype=np.int32)
+        index[np.concatenate(where)] = np.arange(1, n + 1, dtype=np.int32)
+        self.rows.set(np.ascontiguousarray(np.concatenate(parts), dtype=np.float32), offset=self.H * 4)
+        self.index.set(index)
+        self._index_zero = False

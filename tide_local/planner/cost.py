@@ -238,7 +238,9 @@ def layer_times(counts: PlacementCounts, shape: ModelShape, costs: Costs) -> Lay
     H, K = shape.hidden_size, shape.n_experts_used
     upload = costs.upload_seconds(counts.uploads, shape.expert_bytes)
     calls = counts.device_calls if counts.device_calls is not None else np.ones_like(counts.hits)
-    transfer = np.where(missed, costs.copy_seconds(tokens * H * 4) + costs.copy_seconds(tokens * K * H * 4), 0.0)
+    # the layer's input to the host, and only the missed rows (plus their index) back
+    transfer = np.where(missed, costs.copy_seconds(tokens * H * 4) + costs.copy_seconds(counts.misses * H * 4
+                                                                                        + tokens * K * 4), 0.0)
     transfer = transfer + (calls - 1) * costs.copy_seconds(tokens * K * H * 4)  # each round's outputs come back
     cpu = costs.cpu_seconds(counts.misses, counts.cpu_experts, shape)
     device = np.where(has_slots & (counts.hits > 0),
