@@ -19,8 +19,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType
 
 from tide_local import architecture
-from tide_local.errors import OutputPathError
+from tide_local.errors import OutputPathError, UsageError
 from tide_local.gguf import GGUFStreamWriter, tensor_nbytes
+from tide_local.gguf.writer import check_output_path, remove_stale_partials
 from tide_local.progress import Progress, human_bytes
 
 from .hf_checkpoint import HFCheckpoint
@@ -63,11 +64,12 @@ def _metadata(checkpoint: HFCheckpoint, plans: list[TensorPlan], output_type: st
     cfg = checkpoint.config
     meta: dict[str, object] = {
         "general.architecture": architecture.ARCH,
+        "general.type": "model",  # llama.cpp's converters write it; its loader reads it
         "general.name": checkpoint.dir.name,
         "general.file_type": int(OUTPUT_TYPES[output_type][1]),
         "general.quantization_version": 2,
     }
-    meta.update(cfg.gguf_metadata())
+    meta.update(cfg.gguf_metadata())  # with attention.value_length and expert_shared_feed_forward_length
     meta.update(architecture.CONSTANT_ARCH_METADATA)
     meta.update({
         "tide.layout_version": architecture.LAYOUT_VERSION,
@@ -99,26 +101,45 @@ _ITEM_TYPES = {"tokenizer.ggml.token_type": GGUFValueType.INT32}
 _ITEM_TYPES.update({f"tide.expert_slice_bytes.{p}": GGUFValueType.UINT64 for p in architecture.EXPERT_PROJECTIONS})
 
 
-def _check_output(out: Path) -> None:
-    if out.is_dir():
-        raise OutputPathError(f"{out}: is a directory; give a file name such as {out / 'model.gguf'}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputPathError(f"{out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"{out}: directory {parent} is not writable")
+def _check_output(out: Path, log) -> None:
+    """Refuse an unusable output before any work (a directory, a device or pipe, a missing or
+    read-only folder), then remove what killed conversions left in the folder."""
+    target = check_output_path(out)  # a symlink's target is replaced; the link stays
+    directory = target.parent if str(target.parent) else Path(".")
+    for path, size in remove_stale_partials(directory):
+        print(f"removed {path} ({human_bytes(size)}), left by a conversion that was killed", file=log)
+
+
+def max_threads() -> int:
+    """The most threads an option may ask for: a few per core this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return 4 * max(1, cores)
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> None:
+    if threads is not None and not 1 <= threads <= max_threads():
+        raise UsageError(f"{flag} must be between 1 and {max_threads()} (4 per core), got {threads}")
 
 
 def convert(hf_dir, out, output_type: str = "q8_0", *, threads: int | None = None, dry_run: bool = False,
-            alignment: int = DEFAULT_ALIGNMENT, progress: bool | None = None, log=sys.stderr) -> dict:
-    """Convert; returns a summary dict (tensors, types, sizes). Raises TideError subclasses."""
+            alignment: int = DEFAULT_ALIGNMENT, progress: bool | None = None, log=None) -> dict:
+    """Convert; returns a summary dict (tensors, types, sizes). Raises TideError subclasses.
+    Progress and notes go to `log` (default: sys.stderr at the time of the call)."""
+    log = log if log is not None else sys.stderr
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown type {output_type}; choose from {', '.join(OUTPUT_TYPES)}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    out = Path(out)
+    if not dry_run:
+        _check_output(out, log)
     checkpoint = HFCheckpoint(hf_dir)
     cfg = checkpoint.config
     plans = plan_types(checkpoint.specs, output_type, cfg.n_layers)
     meta = _metadata(checkpoint, plans, output_type, alignment)
-    out = Path(out)
     writer = GGUFStreamWriter(out, alignment=alignment)
     for key, value in meta.items():
         writer.add(key, value, item_type=_ITEM_TYPES.get(key))
@@ -133,7 +154,6 @@ def convert(hf_dir, out, output_type: str = "q8_0", *, threads: int | None = Non
     }
     if dry_run:
         return summary
-    _check_output(out)
     threads = threads or min(8, os.cpu_count() or 1)
     bar = Progress(f"converting to {output_type}", summary["output_bytes"], len(plans), enabled=progress, stream=log)
     with writer, ThreadPoolExecutor(threads) as pool:
@@ -206,11 +226,20 @@ def build_parser(prog: str = "tide convert") -> argparse.ArgumentParser:
     return p
 
 
+def default_output(hf_dir: str, output_type: str) -> str:
+    """HF_DIR-TYPE.gguf beside HF_DIR."""
+    source = Path(hf_dir.rstrip("/\\") or hf_dir or ".")
+    if source.name in ("", ".", ".."):
+        source = Path(os.path.abspath(source))
+    if not source.name:  # the root folder
+        raise UsageError(f"give the output file with -o (no default beside {hf_dir})")
+    return str(source.with_name(f"{source.name}-{output_type}.gguf"))
+
+
 def main(argv: list[str] | None = None, prog: str = "tide convert") -> int:
     args = build_parser(prog).parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        raise OutputPathError("--threads must be at least 1")
-    out = args.output or str(Path(args.hf_dir.rstrip("/\\")).with_name(Path(args.hf_dir.rstrip("/\\")).name + f"-{args.type}.gguf"))
+    check_threads(args.threads)
+    out = args.output or default_output(args.hf_dir, args.type)
     summary = convert(args.hf_dir, out, args.type, threads=args.threads, dry_run=args.dry_run)
     if args.dry_run:
         print_plan(summary, out, args.type, verbose=args.verbose)

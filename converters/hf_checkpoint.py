@@ -147,13 +147,18 @@ class HFCheckpoint:
     def _check_model_type(self, config_path: Path) -> None:
         model_type = self.hf_config.get("model_type")
         archs = self.hf_config.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise CheckpointError(f"{config_path}: bad value: architectures is {archs!r:.60}, expected a list of names")
         if model_type not in HF_MODEL_TYPES and not set(archs) & set(HF_ARCHITECTURES):
             found = model_type or (archs[0] if archs else "nothing")
             raise UnsupportedModelError(
                 f"{config_path}: model_type is '{found}'; this converter reads LLaDA2.0 "
                 f"({HF_MODEL_TYPES[0]}) checkpoints only"
             )
-        if (self.hf_config.get("expert_capacity") or 0) > 0:
+        capacity = self.hf_config.get("expert_capacity") or 0
+        if not isinstance(capacity, (int, float)) or isinstance(capacity, bool):
+            raise CheckpointError(f"{config_path}: bad value: expert_capacity is {capacity!r:.60}, expected a number")
+        if capacity > 0:
             raise UnsupportedModelError(
                 f"{config_path}: expert_capacity > 0 means LLaDA2.2 block routing, which is not supported"
             )

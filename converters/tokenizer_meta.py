@@ -2,7 +2,9 @@
 
 The vocabulary goes into llama.cpp's ``tokenizer.ggml.*`` keys (padded to the model's
 vocabulary size, as llama.cpp's own converter does), the whole ``tokenizer.json`` into
-``tokenizer.huggingface.json`` (what our engine loads), the chat template into
+``tokenizer.huggingface.json`` (what our engine loads; a file without it, such as one from
+llama.cpp's converter, gets its tokenizer rebuilt from ``tokenizer.ggml.*``: see
+``tide_local.tokenizer.tokenizer_json_from_ggml``), the chat template into
 ``tokenizer.chat_template``. Special ids are found by token content.
 """
 

@@ -325,13 +325,13 @@ def test_a_slow_template_in_the_chat_app_is_an_error_and_the_app_goes_on(model):
     async def scenario(pilot):
         await until(pilot, lambda: not app.query_one(PromptInput).disabled)
         tok = app.engine.tokenizer
-        good = tok.chat_template
+        good, limit = tok.chat_template, tok.render_seconds
         tok.chat_template, tok.render_seconds = RUNS_FOR_HOURS["nested loops"], 0.3
         await say(pilot, "Hello")
         errors = [n.text for n in app.query(Note) if n.has_class("error")]
         assert errors and "time limit" in errors[-1]
         assert app.messages == [] and app.query_one(PromptInput).text == "Hello"
-        tok.chat_template = good
+        tok.chat_template, tok.render_seconds = good, limit  # the real limit: a busy machine is no error
         await say(pilot, "Hello")
         assert [m["role"] for m in app.messages] == ["user", "assistant"]
 

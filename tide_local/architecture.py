@@ -221,9 +221,19 @@ class LLaDA2Config:
 
     # -- GGUF metadata ----------------------------------------------------------------
     def gguf_metadata(self) -> dict[str, object]:
-        """The arch keys (llama.cpp bailingmoe2 names under `llada2.`) with their values."""
+        """The arch keys (llama.cpp bailingmoe2 names under `llada2.`) with their values, the
+        derived ones llama.cpp's loader also reads included."""
         values = asdict(self)
-        return {f"{ARCH}.{key}": cast(values[attr]) for key, attr, cast in _GGUF_KEYS}
+        meta = {f"{ARCH}.{key}": cast(values[attr]) for key, attr, cast in _GGUF_KEYS}
+        meta.update(self.derived_gguf_metadata())
+        return meta
+
+    def derived_gguf_metadata(self) -> dict[str, int]:
+        """Keys llama.cpp's loader reads whose values follow from the fields: the value head
+        size (ours is the key head size) and the shared experts' FFN width. Our converter
+        writes them; a file that has them must agree (ModelFile checks, when the model has
+        shared experts for the second)."""
+        return {VALUE_LENGTH_KEY: self.head_dim, SHARED_FFN_KEY: self.expert_ffn_dim * self.n_shared_experts}
 
     @classmethod
     def from_gguf(cls, metadata: dict) -> "LLaDA2Config":
@@ -243,10 +253,11 @@ _REQUIRED = object()
 # Fields that are numbers (the rest are counts), those that may be 0, and the ranges of the numbers.
 _FLOAT_FIELDS = frozenset({"routed_scaling_factor", "rope_theta", "rms_eps"})
 _MAY_BE_ZERO = frozenset({"n_dense_layers", "n_shared_experts"})
+_F32_MAX = 3.4028234663852886e38  # the GGUF stores these as float32
 _FLOAT_RANGES = (  # (field, exclusive low, exclusive high or None, the rule in words)
     ("rms_eps", 0.0, 1.0, "in (0, 1)"),
-    ("rope_theta", 1.0, None, "greater than 1"),
-    ("routed_scaling_factor", 0.0, None, "positive"),
+    ("rope_theta", 1.0, _F32_MAX, "greater than 1 and a float32 (below 3.4e38)"),
+    ("routed_scaling_factor", 0.0, _F32_MAX, "positive and a float32 (below 3.4e38)"),
 )
 # No dimension or count of a model may exceed this: ggml indexes rows and positions with int32.
 MAX_DIMENSION = 2**31 - 1
@@ -316,7 +327,12 @@ HF_NAMES = {
     "n_dense_layers": "first_k_dense_replace",
 }
 
+# Keys llama.cpp's loader reads whose values follow from LLaDA2Config's fields (derived_gguf_metadata).
+VALUE_LENGTH_KEY = f"{ARCH}.attention.value_length"
+SHARED_FFN_KEY = f"{ARCH}.expert_shared_feed_forward_length"
+
 # Keys llama.cpp expects that carry no information of ours (constant for the family).
+# llama.cpp's own LLaDA2 converter does not write `attention.causal`: it is not required on read.
 CONSTANT_ARCH_METADATA = {
     f"{ARCH}.attention.causal": False,
     f"{ARCH}.expert_weights_norm": True,

@@ -3,7 +3,9 @@ parser and ``main(argv, prog)``, imported only when used so `tide --help` is ins
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 from tide_local.errors import TideError
@@ -52,10 +54,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     try:
-        return module.main(rest, prog=f"tide {name}") or 0
+        rc = module.main(rest, prog=f"tide {name}") or 0
+        sys.stdout.flush()  # here, not at exit: a closed pipe or a full disk is reported below
+        return rc
     except TideError as err:
         print(f"tide {name}: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"tide {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP/... while a file is written
+        signum = getattr(err, "signum", 2)
+        print(f"tide {name}: interrupted" + (f" ({err})" if signum != 2 else ""), file=sys.stderr)
+        return 128 + signum
+    except OSError as err:
+        if err.errno not in (errno.EPIPE, errno.ENOSPC, errno.EDQUOT):
+            raise
+        _silence_stdout()
+        if err.errno == errno.EPIPE:  # e.g. `tide info m.gguf | head -1`: the reader left; stop quietly
+            return 141
+        print(f"tide {name}: error: cannot write: {err.strerror}", file=sys.stderr)
+        return 2
+
+
+def _silence_stdout() -> None:
+    """After stdout failed (a closed pipe, a full disk): if it still holds unwritable bytes,
+    point it at /dev/null, so that the interpreter's flush at exit does not fail again with a
+    traceback."""
+    try:
+        sys.stdout.flush()
+        return
+    except (OSError, ValueError):
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tide_local import architecture
@@ -52,17 +54,70 @@ def _usable(path: Path) -> bool:
         return False
 
 
+BUILD_PREFIX = ".demo-build-"
+_LOCK_NAME = "building.lock"  # held (flock) while a build runs in its folder
+
+
+def _remove_stale_builds(directory: Path) -> None:
+    """Remove the build folders of earlier builds that were killed (SIGKILL, power cut): those
+    whose lock nobody holds (or that never got one and are an hour old)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(BUILD_PREFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            lock = Path(entry.path) / _LOCK_NAME
+            try:
+                fd = os.open(lock, os.O_RDONLY)
+            except FileNotFoundError:
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime > 3600:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # a build writes its pid once it holds the lock: an empty file may be one starting
+                stale = os.fstat(fd).st_size > 0 or time.time() - os.fstat(fd).st_mtime > 3600
+            except OSError:
+                continue  # a build in progress
+            finally:
+                os.close(fd)
+            if stale:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def build_demo_model(out: str | os.PathLike, *, seed: int = DEMO_SEED) -> Path:
-    """Write the demo GGUF to ``out`` (via a temporary directory beside it and a rename)."""
+    """Write the demo GGUF to ``out`` (via a temporary directory beside it and a rename).
+    A SIGTERM, SIGHUP, ... during the build removes the temporary directory as Ctrl-C does;
+    what a SIGKILL leaves is removed by the next build."""
     from tide_local.converters.convert import convert
     from tide_local.converters.testmodel import make_checkpoint
+    from tide_local.gguf.writer import interrupt_on_signals
 
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix=".demo-build-", dir=out.parent) as tmp:
-        hf_dir = make_checkpoint(Path(tmp) / "hf", preset=DEMO_PRESET, seed=seed)
-        gguf = Path(tmp) / out.name
-        convert(hf_dir, gguf, DEMO_TYPE, threads=1, progress=False, log=io.StringIO())
-        os.replace(gguf, out)
+    _remove_stale_builds(out.parent)
+    with interrupt_on_signals(), tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=out.parent) as tmp:
+        with open(Path(tmp) / _LOCK_NAME, "wb") as lock:
+            try:
+                import fcntl
+
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except ImportError:
+                pass
+            lock.write(str(os.getpid()).encode())
+            lock.flush()
+            hf_dir = make_checkpoint(Path(tmp) / "hf", preset=DEMO_PRESET, seed=seed)
+            gguf = Path(tmp) / out.name
+            convert(hf_dir, gguf, DEMO_TYPE, threads=1, progress=False, log=io.StringIO())
+            os.replace(gguf, out)
     return out
 
 

@@ -146,6 +146,14 @@ class Engine:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy '{policy}' (choose from {', '.join(POLICIES)})")
         self.file = ModelFile(path)
+        self.offload: HybridExperts | None = None
+        try:
+            self._open(device, gpu_memory, policy, tau, threads, n_ctx, expert_slots, popularity)
+        except BaseException:  # a failure after the file opened (tokenizer, device, budget) releases it
+            self.close()
+            raise
+
+    def _open(self, device, gpu_memory, policy, tau, threads, n_ctx, expert_slots, popularity) -> None:
         self._file_identity = _file_identity(self.file.path)
         self._lock, self._owner = threading.Lock(), None
         self.config = self.file.config
@@ -162,7 +170,6 @@ class Engine:
         self.plan: MemoryPlan | None = None
         self.policy = "cpu-only" if device_backend is None else policy
         self.tau = self.tau_source = None
-        self.offload: HybridExperts | None = None
         self.timer = PhaseTimer()
         if device_backend is None:
             self.backend = self.cpu_backend

@@ -140,19 +140,53 @@ def decoding_options(args) -> dict:
     return options
 
 
+# Bounds of the numeric options every tool shares (the model's own context bounds --ctx further).
+MAX_CTX = 1 << 24
+MAX_TAU = 1 << 20
+MAX_REPEAT = 1000
+
+
+def max_threads() -> int:
+    """The most threads an option may ask for: 4 per core this process may use."""
+    from tide_local.ggml.backend import usable_cores
+
+    return 4 * usable_cores()
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> None:
+    if threads is not None and not 1 <= threads <= max_threads():
+        raise UsageError(f"{flag} must be between 1 and {max_threads()} (4 per core), got {threads}")
+
+
+def check_range(value: int | None, flag: str, low: int, high: int) -> None:
+    """A UsageError unless `value` (None: not given) is in [low, high]."""
+    if value is not None and not low <= value <= high:
+        raise UsageError(f"{flag} must be between {low} and {high}, got {value}")
+
+
 def _check_options(args) -> dict:
     """The decoder options given on the command line and the other checks made before loading."""
     options = decoding_options(args)
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    check_threads(args.threads)
     if args.raw and args.system is not None:
         raise UsageError("--system needs the chat template; leave out --raw (or put the system text in the prompt)")
     if args.demo and args.model:
         raise UsageError("give either -m MODEL.gguf or --demo, not both")
-    if args.tau != "auto" and (not args.tau.isdigit() or int(args.tau) < 1):
-        raise UsageError(f"--tau must be a positive integer or auto, got {args.tau}")
-    if args.ctx is not None and args.ctx < 32:
-        raise UsageError(f"--ctx must be at least 32, got {args.ctx}")
+    if args.tau != "auto" and (not (args.tau.isascii() and args.tau.isdigit()) or not 1 <= int(args.tau) <= MAX_TAU):
+        raise UsageError(f"--tau must be an integer between 1 and {MAX_TAU} or auto, got {args.tau}")
+    check_range(args.ctx, "--ctx", 32, MAX_CTX)
+    trace = getattr(args, "trace", None)
+    if trace:  # written at the end: refuse an unusable path before any work
+        from tide_local.errors import OutputPathError
+
+        folder = os.path.dirname(trace) or "."
+        if os.path.isdir(trace):
+            raise OutputPathError(f"--trace {trace}: is a directory; give a file name")
+        if os.path.exists(trace):
+            if not os.access(trace, os.W_OK):
+                raise OutputPathError(f"--trace {trace}: not writable")
+        elif not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputPathError(f"--trace {trace}: the folder {folder} does not exist or is not writable")
     if getattr(args, "prompt", None) is not None:
         _check_text(args.prompt, "the prompt (-p)")
     if args.system is not None:

@@ -5,10 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 
+from gguf import LlamaFileType
+
 from tide_local import architecture
-from tide_local.errors import GGUFError
+from tide_local.errors import UsageError
 from tide_local.modelfile import ModelFile
 from tide_local.progress import human_bytes
+
+
+def _file_type(value) -> str | None:
+    """general.file_type (llama.cpp's LlamaFileType) as `tide convert` names types: q8_0, q4_k_m."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    try:
+        name = LlamaFileType(value).name
+    except ValueError:
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
 
 
 def describe(model: ModelFile) -> dict:
@@ -30,7 +43,7 @@ def describe(model: ModelFile) -> dict:
         "file_bytes": g.file_size,
         "architecture": g.get("general.architecture"),
         "name": g.get("general.name"),
-        "output_type": g.get("tide.output_type"),
+        "output_type": g.get("tide.output_type") or _file_type(g.get("general.file_type")),
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "tensor_types": types,
         "expert_slice": slices,
@@ -40,7 +53,10 @@ def describe(model: ModelFile) -> dict:
         "special_token_ids": model.special_ids,
         "decoding": model.decoding_defaults(),
         "chat_template": "tokenizer.chat_template" in g.metadata,
+        "tokenizer": "tokenizer.json" if "tokenizer.huggingface.json" in g.metadata else "tokenizer.ggml",
         "alignment": g.alignment,
+        "expert_stacks_page_aligned": model.expert_stacks_page_aligned(),
+        "tide_keys": model.has_tide_keys,
     }
 
 
@@ -64,6 +80,9 @@ def print_description(d: dict) -> None:
     if d["expert_slice"]:
         parts = ", ".join(f"{p} {human_bytes(s['bytes'])} ({s['type']})" for p, s in d["expert_slice"].items())
         print(f"  bytes per expert slice: {parts}")
+        if not d["expert_stacks_page_aligned"]:
+            print(f"  expert stacks not page-aligned (file alignment {d['alignment']}): they load and run correctly;"
+                  "\n    `tide convert` of the Hugging Face checkpoint starts each on a page")
     total = d["expert_bytes"] + d["non_expert_bytes"]
     print(f"  routed experts {human_bytes(d['expert_bytes'])} ({100 * d['expert_bytes'] / max(1, total):.1f}%), "
           f"everything else {human_bytes(d['non_expert_bytes'])}")
@@ -72,7 +91,10 @@ def print_description(d: dict) -> None:
     ids = ", ".join(f"{k} {v}" for k, v in d["special_token_ids"].items())
     print(f"  special tokens: {ids}; chat template: {'yes' if d['chat_template'] else 'no'}")
     dec = d["decoding"]
-    print(f"  decoding defaults: block {dec['block_length']}, steps {dec['steps']}, threshold {dec['threshold']:g}")
+    print(f"  decoding defaults: block {dec['block_length']}, steps {dec['steps']}, threshold {dec['threshold']:g}"
+          + ("" if d["tide_keys"] else " (the family's: the file has no tide.* keys, e.g. from llama.cpp's converter)"))
+    if d["tokenizer"] != "tokenizer.json":
+        print("  tokenizer: built from tokenizer.ggml.* (byte-level BPE; the file stores no tokenizer.json)")
 
 
 def build_parser(prog: str = "tide info") -> argparse.ArgumentParser:
@@ -83,7 +105,8 @@ def build_parser(prog: str = "tide info") -> argparse.ArgumentParser:
         epilog="example:\n  tide info llada2-mini-q4_k_m.gguf\n  tide info model.gguf --json | jq .expert_slice",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL.gguf", help="a GGUF written by `tide convert`")
+    p.add_argument("model", metavar="MODEL.gguf",
+                   help="a LLaDA2 GGUF written by `tide convert` or by llama.cpp's converter")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.add_argument("--gpu-memory", metavar="SIZE", default=None,
                    help="also show the device memory plan for this budget (e.g. 6GiB): bytes by kind, expert "
@@ -95,15 +118,19 @@ def build_parser(prog: str = "tide info") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "tide info") -> int:
     args = build_parser(prog).parse_args(argv)
     from tide_local.experts.memory import parse_memory, plan_memory
+    from tide_local.generate_cli import MAX_CTX, check_range
 
+    check_range(args.ctx, "--ctx", 32, MAX_CTX)
+    budget = None
+    if args.gpu_memory is not None:
+        try:
+            budget = parse_memory(args.gpu_memory)
+        except ValueError as err:
+            raise UsageError(f"--gpu-memory: {err}") from None
     with ModelFile(args.model) as model:
         d = describe(model)
         plan = None
-        if args.gpu_memory is not None:
-            try:
-                budget = parse_memory(args.gpu_memory)
-            except ValueError as err:
-                raise GGUFError(str(err)) from None
+        if budget is not None:
             plan = plan_memory(model, budget, min(args.ctx, model.config.context_length))
     if args.json:
         if plan is not None:

@@ -6,6 +6,10 @@ GGUF files come from the internet: before ggml sees anything, every key this pac
 has its type checked, every hyperparameter its range, the tensor count and the file size
 what the hyperparameters imply (before anything is built per layer or expert), and every
 tensor its name, shape and ggml type against what its op accepts (architecture.py).
+
+Files from llama.cpp's LLaDA2 converter open too: they lack our tide.* keys (decoding defaults
+are then the family's, expert slice sizes come from the tensors) and the end-of-turn id key
+(`<|role_end|>` is found by its text), and align tensors to 32 bytes instead of a page.
 """
 
 from __future__ import annotations
@@ -14,12 +18,18 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import TokenType
 
 from tide_local import architecture
 from tide_local.errors import GGUFError
 from tide_local.gguf import GGUFFile, TensorInfo
 from tide_local.gguf.reader import describe_value
 from tide_local.units import human_bytes
+
+
+# Special tokens found by their text when the file has no id key for them.
+SPECIAL_BY_CONTENT = ("role_end", "bos")
+_ADDED_TYPES = {int(TokenType.CONTROL), int(TokenType.USER_DEFINED)}
 
 
 @dataclass(frozen=True)
@@ -35,10 +45,12 @@ class ExpertLayout:
 
 # Other keys this package reads, and what each must be: checked when the file is opened so
 # that no reader meets a value of another type. (The `llada2.` keys: architecture._GGUF_KEYS.)
-_STR, _INT, _NUMBER, _STR_LIST = "a string", "an integer", "a number", "an array of strings"
+_STR, _INT, _NUMBER = "a string", "an integer", "a number"
+_STR_LIST, _INT_LIST = "an array of strings", "an array of integers"
 _KEY_KINDS = {
     "general.architecture": _STR,
     "general.name": _STR,
+    "general.type": _STR,
     "tide.output_type": _STR,
     "tide.type_fallbacks": _STR_LIST,
     "tide.block_length": _INT,
@@ -46,9 +58,17 @@ _KEY_KINDS = {
     "tide.threshold": _NUMBER,
     "tokenizer.huggingface.json": _STR,
     "tokenizer.chat_template": _STR,
+    "tokenizer.ggml.model": _STR,
+    "tokenizer.ggml.pre": _STR,
     "tokenizer.ggml.tokens": _STR_LIST,
+    "tokenizer.ggml.token_type": _INT_LIST,
+    "tokenizer.ggml.merges": _STR_LIST,
     **{key: _INT for key in architecture.SPECIAL_TOKEN_KEYS.values()},
+    architecture.VALUE_LENGTH_KEY: _INT,
+    architecture.SHARED_FFN_KEY: _INT,
 }
+# A page of the file: `tide convert` starts every expert stack on one.
+PAGE_BYTES = 4096
 
 
 def _is_kind(value, kind: str) -> bool:
@@ -57,6 +77,9 @@ def _is_kind(value, kind: str) -> bool:
     if kind == _STR_LIST:  # an empty array may have been written with any item type
         return (isinstance(value, list) and all(isinstance(v, str) for v in value)) or (
             isinstance(value, np.ndarray) and value.size == 0)
+    if kind == _INT_LIST:
+        return isinstance(value, np.ndarray) and (value.dtype.kind in "iu" or value.size == 0) or (
+            isinstance(value, list) and not value)
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (kind == _NUMBER and isinstance(value, float))
@@ -97,6 +120,14 @@ class ModelFile:
         if problems:
             raise GGUFError(f"{g.path}: inconsistent hyperparameters: {problems[0]}")
         cfg = self.config
+        # keys llama.cpp reads that follow from ours (absent in older files of ours): the model
+        # must be the one llama.cpp would run (no shared experts: their width means nothing)
+        for key, value in cfg.derived_gguf_metadata().items():
+            got = g.get(key)
+            if got is not None and got != value and not (key == architecture.SHARED_FFN_KEY
+                                                         and cfg.n_shared_experts == 0):
+                raise GGUFError(f"{g.path}: inconsistent hyperparameters: {key} is {got:,} but the other keys "
+                                f"make it {value:,}")
         if n_tensors > cfg.n_tensors:
             raise GGUFError(f"{g.path}: the file has {n_tensors:,} tensors but a LLaDA2 model with its hyperparameters "
                             f"has {cfg.n_tensors:,}")
@@ -132,6 +163,11 @@ class ModelFile:
         for role in ("mask", "eos"):
             if role not in self.special_ids:
                 raise GGUFError(f"{g.path}: metadata has no {architecture.SPECIAL_TOKEN_KEYS[role]}")
+        for role in SPECIAL_BY_CONTENT:  # llama.cpp's converter writes no eot_token_id: <|role_end|> by content
+            if role not in self.special_ids:
+                found = self._added_token_id(architecture.SPECIAL_TOKENS[role])
+                if found is not None:
+                    self.special_ids[role] = found
         self._decoding = {
             "block_length": g.get("tide.block_length", architecture.DEFAULT_BLOCK_LENGTH),
             "steps": g.get("tide.steps", architecture.DEFAULT_STEPS),
@@ -145,10 +181,26 @@ class ModelFile:
             if not ok:
                 raise GGUFError(f"{g.path}: metadata key tide.{name} = {self._decoding[name]!r} must be {rule}")
 
+    def _added_token_id(self, content: str) -> int | None:
+        """The id of an added token (CONTROL or USER_DEFINED: any type when the file has no
+        token types) with this text among the model's rows, else None."""
+        tokens = self.gguf.get("tokenizer.ggml.tokens") or []
+        types = self.gguf.get("tokenizer.ggml.token_type")
+        for i in range(min(len(tokens), self.config.vocab_size)):
+            if tokens[i] == content and (types is None or len(types) != len(tokens) or int(types[i]) in _ADDED_TYPES):
+                return i
+        return None
+
     # -- what the engine and `tide info` need ------------------------------------------
     @property
     def path(self):
         return self.gguf.path
+
+    @property
+    def has_tide_keys(self) -> bool:
+        """Whether `tide convert` wrote the file (its tide.* keys: decoding defaults, layout);
+        a file from llama.cpp's converter has none and runs on the family's defaults."""
+        return any(key.startswith("tide.") for key in self.gguf.metadata)
 
     def tensor(self, name: str) -> TensorInfo:
         return self.gguf.tensors[name]
@@ -156,6 +208,13 @@ class ModelFile:
     def experts(self, layer: int, projection: str) -> ExpertLayout:
         info = self.tensor(architecture.expert_tensor_name(layer, projection))
         return ExpertLayout(info, info.nbytes // self.config.n_experts)
+
+    def expert_stacks_page_aligned(self) -> bool:
+        """Whether every routed-expert stack starts on a page of the file (`tide convert` aligns
+        tensors to 4096 bytes; llama.cpp's converter to 32). Either way slices are copied out of
+        the mapping (Tensor.set) at whatever offset they have."""
+        return all(self.experts(layer, proj).tensor.offset % PAGE_BYTES == 0
+                   for layer in self.config.moe_layers for proj in architecture.EXPERT_PROJECTIONS)
 
     def expert_bytes(self) -> int:
         """All routed-expert weights (the part that is offloaded)."""

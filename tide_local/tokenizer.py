@@ -14,6 +14,10 @@ from a file off the internet, so both are bounded, and every way they fail is on
   normalizer may compose characters), so a text of more bytes than max_tokens times that
   needs more tokens than the context holds and is refused before tokenizing (tokenizing
   costs ~200 bytes of memory per byte of text). Encoding releases the GIL.
+- a GGUF without `tokenizer.huggingface.json` (llama.cpp's converter writes none) gets its
+  tokenizer built from `tokenizer.ggml.*` (`tokenizer_json_from_ggml`): byte-level BPE from
+  the tokens and merges, the pre-tokenizer's split regex by its llama.cpp name, added
+  tokens from the token types. It goes through the same checks as a stored one.
 - the chat template renders under a deadline (RENDER_SECONDS) and a size budget (the text
   the context can hold), in the calling thread, and the render itself stops when it runs
   over: see `tide_local.chat_template`. Whatever goes wrong while rendering is one
@@ -22,9 +26,11 @@ from a file off the internet, so both are bounded, and every way they fail is on
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
+from gguf import TokenType
 from tokenizers import Tokenizer as HFTokenizer
 
 from tide_local.chat_template import DEFAULT_RENDER_CHARS, RENDER_SECONDS, ChatTemplate, first_line
@@ -37,6 +43,88 @@ PROBE_SECONDS = 2.0  # a sane pre-tokenizer splits the probe text in about a mil
 # runs of one character, which make a regex with nested quantifiers backtrack exponentially
 _PROBE = "".join(ch * 256 + end for ch in "a1 .'\u4e2d\u00e9\t!-_<" for end in ("\n", "\x00")) \
     + "The quick brown fox's 42 jumps over the lazy dog.\r\n  Done."
+
+
+# Split regexes of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre`, as the
+# checkpoints' tokenizer.json has them. llama-vocab.cpp maps "bailingmoe", "bailingmoe2" and
+# "llada-moe" to LLAMA_VOCAB_PRE_TYPE_BAILINGMOE, whose regex is the Ling/LLaDA2 one below
+# (llama.cpp makes its possessive quantifiers greedy, which splits text the same way: what
+# each one repeats can never be what follows it, so a greedy match never gives any back).
+BAILING_SPLIT = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
+GGML_PRE_TOKENIZERS = {"bailingmoe2": BAILING_SPLIT, "bailingmoe": BAILING_SPLIT, "llada-moe": BAILING_SPLIT}
+# Token types that are added tokens (matched whole in text before BPE); CONTROL ones are special.
+_ADDED_TYPES = {int(TokenType.CONTROL), int(TokenType.USER_DEFINED)}
+
+
+def tokenizer_json_from_ggml(get: Callable[[str], object], source: str) -> str:
+    """A tokenizer.json for the `tokenizer.ggml.*` keys of a GGUF (`get(key)` reads one, None
+    when absent), as llama.cpp's converter writes them for LLaDA2: `model` "gpt2" (byte-level
+    BPE), `pre` one of GGML_PRE_TOKENIZERS, `tokens`, `token_type`, `merges`. The tokens form
+    the BPE vocabulary at their ids; CONTROL and USER_DEFINED ones are added tokens too (matched
+    whole in text, as llama.cpp does; special: CONTROL, skipped when decoding); the UNUSED rows
+    at the end (the padded embedding) are left out. GGUFError, naming `source`, when the keys
+    cannot make one; the JSON is bounded by MAX_TOKENIZER_JSON before it is built."""
+    model, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
+    if model is None:
+        raise GGUFError(f"{source}: no tokenizer: neither tokenizer.huggingface.json nor tokenizer.ggml.model "
+                        "(convert the model with `tide convert`)")
+    if model != "gpt2":
+        shown = model if not isinstance(model, str) or len(model) <= 40 else model[:37] + "..."
+        raise GGUFError(f"{source}: tokenizer.ggml.model is {shown!r}; a LLaDA2 tokenizer is byte-level BPE ('gpt2')")
+    pattern = GGML_PRE_TOKENIZERS.get(pre) if isinstance(pre, str) else None
+    if pattern is None:
+        shown = pre if not isinstance(pre, str) or len(pre) <= 40 else pre[:37] + "..."
+        raise GGUFError(f"{source}: tokenizer.ggml.pre is {shown!r}, a pre-tokenizer tide does not know "
+                        f"(it knows {', '.join(repr(k) for k in GGML_PRE_TOKENIZERS)})")
+    tokens, types, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type"), get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise GGUFError(f"{source}: tokenizer.ggml.tokens is missing or not an array of strings")
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise GGUFError(f"{source}: tokenizer.ggml.merges is missing or not an array of strings (BPE needs them)")
+    if types is None:  # llama.cpp takes every token as NORMAL then
+        types = [int(TokenType.NORMAL)] * len(tokens)
+    try:
+        kinds = [int(k) for k in types]
+    except (TypeError, ValueError):
+        raise GGUFError(f"{source}: tokenizer.ggml.token_type is not an array of integers") from None
+    if len(kinds) != len(tokens):
+        raise GGUFError(f"{source}: tokenizer.ggml.token_type has {len(kinds)} entries for {len(tokens)} tokens")
+    # bound the JSON before building it: each token and merge costs its text and a few characters
+    estimate = sum(len(t) + 12 for t in tokens) + sum(len(m) + 12 for m in merges)
+    if estimate > MAX_TOKENIZER_JSON:
+        raise GGUFError(f"{source}: the tokenizer in tokenizer.ggml.* would be {estimate / 2**20:.0f} MiB of JSON, "
+                        f"more than the {MAX_TOKENIZER_JSON >> 20} MiB a tokenizer needs")
+    used = [i for i, k in enumerate(kinds) if k != int(TokenType.UNUSED)]
+    if not used:
+        raise GGUFError(f"{source}: tokenizer.ggml.token_type marks every token unused")
+    # Every id up to the last used one is in the BPE vocabulary at its id, added tokens and unused
+    # rows between included: `tokenizers` numbers an added token that is not in the vocabulary
+    # itself (after the vocabulary), so only this keeps every id where the GGUF has it. Merges
+    # never make an added token or a placeholder, so BPE never emits them. The unused rows after
+    # the last used one (the embedding's padding) are left out, as the checkpoint's tokenizer.json
+    # leaves them out. A repeated text keeps its last id, as llama.cpp's vocabulary does.
+    vocab = {tokens[i]: i for i in range(used[-1] + 1)}
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kinds[i] == int(TokenType.CONTROL)}
+             for i in used if kinds[i] in _ADDED_TYPES]
+    pairs = []
+    for n, merge in enumerate(merges):
+        cut = merge.find(" ", 1)  # as llama.cpp splits them: a token never starts with a bare space
+        if cut < 0:
+            raise GGUFError(f"{source}: tokenizer.ggml.merges entry {n} ({merge[:40]!r}) is not two tokens")
+        pairs.append([merge[:cut], merge[cut + 1:]])
+    return json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": pairs},
+    }, ensure_ascii=False)
 
 
 def _is_panic(err: BaseException) -> bool:
@@ -89,9 +177,11 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, gguf, *, vocab_size: int | None = None, max_tokens: int | None = None) -> "Tokenizer":
+        """The tokenizer a GGUF stores: its tokenizer.huggingface.json (`tide convert`), else one
+        built from its tokenizer.ggml.* keys (llama.cpp's converter; `tokenizer_json_from_ggml`)."""
         raw = gguf.get("tokenizer.huggingface.json")
         if not isinstance(raw, str):
-            raise GGUFError(f"{gguf.path}: no tokenizer.huggingface.json (convert the model with `tide convert`)")
+            raw = tokenizer_json_from_ggml(gguf.get, str(gguf.path))
         tokens = gguf.get("tokenizer.ggml.tokens") or []
 
         def token(key):

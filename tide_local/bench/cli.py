@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from tide_local.errors import UsageError
+from tide_local.generate_cli import MAX_CTX, MAX_REPEAT, max_threads
 from tide_local.ggml.backend import usable_cores
+from tide_local.gguf.writer import check_output_path
 from tide_local.progress import human_bytes
 
 EPILOG = """\
@@ -38,7 +40,10 @@ examples:
 """
 
 
-def _int_list(text: str, what: str, allow_all: bool = False) -> list[int]:
+MAX_LIST = 16  # values per list option: each is a row of timed runs
+
+
+def _int_list(text: str, what: str, allow_all: bool = False, high: int | None = None) -> list[int]:
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -51,7 +56,11 @@ def _int_list(text: str, what: str, allow_all: bool = False) -> list[int]:
             raise argparse.ArgumentTypeError(f"{what} must be comma-separated integers, got '{text}'") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{what} must be >= 1, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{what} must be at most {high}, got {value}")
         out.append(value)
+    if len(set(out)) > MAX_LIST:
+        raise argparse.ArgumentTypeError(f"{what}: at most {MAX_LIST} values, got {len(set(out))}")
     return sorted(set(out))
 
 
@@ -60,9 +69,10 @@ def build_parser(prog: str = "tide bench") -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL.gguf", help="a GGUF written by `tide convert`")
     p.add_argument("--context", default="512,2048", metavar="N[,N...]",
-                   type=lambda s: _int_list(s, "--context"), help="tokens already in the KV cache (default 512,2048)")
+                   type=lambda s: _int_list(s, "--context", high=MAX_CTX),
+                   help="tokens already in the KV cache (default 512,2048)")
     p.add_argument("--threads", default="1,all", metavar="N[,N...]",
-                   type=lambda s: _int_list(s, "--threads", allow_all=True),
+                   type=lambda s: _int_list(s, "--threads", allow_all=True, high=max_threads()),
                    help="thread counts to measure; 'all' = every core (default 1,all)")
     p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed steps per row (default 5)")
     p.add_argument("--generate", type=int, default=64, metavar="N",
@@ -81,16 +91,24 @@ def main(argv: list[str] | None = None, prog: str = "tide bench") -> int:
 
     if args.repeats < 1:
         raise UsageError("--repeats must be >= 1")
+    if args.repeats > MAX_REPEAT:
+        raise UsageError(f"--repeats must be at most {MAX_REPEAT}, got {args.repeats}")
     if args.generate < 0:
         raise UsageError("--generate must be >= 0")
     if args.json is not None and not os.access(args.json.parent if str(args.json.parent) else ".", os.W_OK):
         raise UsageError(f"--json: cannot write to {args.json.parent}")
+    if args.json is not None:
+        check_output_path(args.json)
+    if args.llama_cpp and args.llama_cpp_copy is not None:
+        check_output_path(args.llama_cpp_copy)
     with ModelFile(args.model) as model:  # validate first: one line for a bad file
         n_ctx = model.config.context_length
         size = model.gguf.file_size
     if max(args.context) + 32 > n_ctx:
         raise UsageError(f"--context {max(args.context)} leaves no room for a 32-token block "
                          f"in the model's context of {n_ctx}")
+    if args.generate > n_ctx:
+        raise UsageError(f"--generate {args.generate} is more than the model's context of {n_ctx}")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     mapped = size * (2 if args.llama_cpp else 1)
     print(f"{Path(args.model).name}: {human_bytes(size)} of weights, mapped"

@@ -26,6 +26,7 @@ import numpy as np
 
 from tide_local.errors import LlamaCppError
 from tide_local.gguf import GGUFFile, GGUFStreamWriter
+from tide_local.gguf.writer import check_output_path, remove_stale_partials
 from tide_local.architecture import ARCH
 from tide_local.progress import Progress, human_bytes
 
@@ -43,10 +44,13 @@ def write_bailingmoe2_copy(model: Path, out: Path, progress: bool = True) -> Pat
 
     Tensor bytes are copied unchanged (same types, same order, same alignment); the
     ``tide.*`` keys are dropped. Reuses `out` when it is newer than the model. The copy is
-    written to a temporary file and renamed, so an interrupted run leaves nothing."""
+    written to a temporary file and renamed, so an interrupted run (SIGTERM, SIGHUP, ... too)
+    leaves nothing; what a killed one left is removed by the next."""
     model, out = Path(model), Path(out)
     if out.is_file() and out.stat().st_mtime >= model.stat().st_mtime:
         return out
+    target = check_output_path(out)
+    remove_stale_partials(target.parent if str(target.parent) else Path("."))
     src = GGUFFile(model)
     try:
         if src.metadata.get("general.architecture") != ARCH:

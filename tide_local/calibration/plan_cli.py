@@ -20,6 +20,7 @@ import sys
 from tide_local.calibration.measure import measure, resolve_device
 from tide_local.calibration.traces import record_builtin_trace
 from tide_local.errors import UsageError
+from tide_local.generate_cli import MAX_CTX, MAX_TAU, check_range, check_threads
 from tide_local.experts.memory import budget_for_slots, parse_memory
 from tide_local.experts.trace import RoutingTrace
 from tide_local.modelfile import ModelFile
@@ -141,6 +142,9 @@ def build_parser(prog: str = "tide plan") -> argparse.ArgumentParser:
 
 
 
+MAX_TAUS = 64  # refresh intervals to consider: each is a replay of the trace
+
+
 def _parse_taus(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -148,8 +152,10 @@ def _parse_taus(text: str | None) -> list[int] | None:
         taus = sorted({int(t) for t in text.split(",")})
     except ValueError:
         raise UsageError(f"--taus must be a list of positive integers like 1,2,4, got {text}") from None
-    if taus[0] < 1:
-        raise UsageError(f"--taus must be positive, got {text}")
+    if taus[0] < 1 or taus[-1] > MAX_TAU:
+        raise UsageError(f"--taus must be between 1 and {MAX_TAU}, got {text}")
+    if len(taus) > MAX_TAUS:
+        raise UsageError(f"--taus: at most {MAX_TAUS} values, got {len(taus)}")
     return taus
 
 
@@ -203,8 +209,8 @@ def main(argv: list[str] | None = None, prog: str = "tide plan") -> int:
     if (args.gpu_memory is None) == (args.expert_slots is None):
         raise UsageError("give the budget as --gpu-memory SIZE or --expert-slots N (one of them)")
     taus = _parse_taus(args.taus)
-    if args.ctx < 32:
-        raise UsageError(f"--ctx must be at least 32, got {args.ctx}")
+    check_range(args.ctx, "--ctx", 32, MAX_CTX)
+    check_threads(args.threads)
     if args.demo:
         from tide_local.demo import demo_model_path
 

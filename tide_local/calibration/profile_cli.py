@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from tide_local.calibration.measure import measure
-from tide_local.errors import OutputPathError, UsageError
+from tide_local.errors import OutputPathError, UsageError  # noqa: F401 (UsageError: what the checks raise)
+from tide_local.generate_cli import MAX_CTX, MAX_REPEAT, check_range, check_threads
 from tide_local.planner.profile import default_profile_path, preset_names
 
 DESCRIPTION = """\
@@ -47,14 +49,27 @@ def build_parser(prog: str = "tide profile") -> argparse.ArgumentParser:
     return p
 
 
+def _check_output(out: Path) -> None:
+    """The checks of a GGUF output, for a profile's path whose folder `save` may still create."""
+    from tide_local.gguf.writer import check_output_path
+
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_dir() and folder != out.parent:  # save makes the missing folders
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{out}: cannot create its folder in {folder} (not writable)")
+        return
+    check_output_path(out)
+
+
 def main(argv: list[str] | None = None, prog: str = "tide profile") -> int:
     args = build_parser(prog).parse_args(argv)
-    if args.repeat < 1:
-        raise UsageError(f"--repeat must be at least 1, got {args.repeat}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {args.threads}")
-    if args.ctx < 64:
-        raise UsageError(f"--ctx must be at least 64, got {args.ctx}")
+    check_range(args.repeat, "--repeat", 1, MAX_REPEAT)
+    check_threads(args.threads)
+    check_range(args.ctx, "--ctx", 64, MAX_CTX)
+    if args.output:  # saved after minutes of measuring: refuse an unusable path first
+        _check_output(Path(args.output))
     if args.model is None:
         from tide_local.demo import demo_model_path
 

@@ -173,7 +173,9 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike, *, before_tensors=None):
         self.path = Path(path)
         if not self.path.is_file():
-            raise GGUFError(f"{self.path}: no such file")
+            what = ("is a directory" if self.path.is_dir() else
+                    "not a regular file" if self.path.exists() else "no such file")
+            raise GGUFError(f"{self.path}: {what}")
         self.file_size = self.path.stat().st_size
         if self.file_size < 24:
             raise GGUFError(f"{self.path}: not a GGUF file ({self.file_size} bytes)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tide_local.errors import ProfileError
 from tide_local.experts.memory import MemoryPlan
-from tide_local.planner.profile import default_profile_path, load_profile
+from tide_local.planner.profile import default_profile_path, load_profile, write_json_atomically
 from tide_local.planner.shape import shape_from_file
 
 PLAN_FORMAT = "tide-local plan"
@@ -59,9 +59,7 @@ def cache_plan(result, identity: dict) -> Path:
               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "predicted": result.predictions["tide (planned)"].summary()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    write_json_atomically(path, record)
     return path
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -57,6 +58,28 @@ def default_profile_path(device: str) -> Path:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def write_json_atomically(path: Path, data) -> None:
+    """Write `data` as JSON to a temporary file beside `path` (a unique name, so concurrent
+    saves do not collide), then rename it into place; on any failure the temporary file is
+    removed and `path` is untouched. Through a symlink, its target is replaced."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    text = json.dumps(data, indent=1)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 @dataclass
@@ -115,9 +138,7 @@ class Profile:
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_json_atomically(path, self.to_dict())
         self.path = str(path)
         return path
 
