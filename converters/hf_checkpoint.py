@@ -187,7 +187,11 @@ class HFCheckpoint:
     def _index_tensors(self, shards: list[str], weight_map: dict | None, index_path: Path) -> dict[str, SourceTensor]:
         tensors: dict[str, SourceTensor] = {}
         for shard in shards:
-            tensors.update(read_safetensors_header(self.dir / shard))
+            header = read_safetensors_header(self.dir / shard)
+            for name in header.keys() & tensors.keys():
+                raise CheckpointError(f"{self.dir}: tensor {name} is in two shards, {tensors[name].path.name} and "
+                                      f"{shard} (the checkpoint is corrupt or mixes two downloads)")
+            tensors.update(header)
         if weight_map is not None:
             for name, shard in weight_map.items():
                 if name not in tensors or tensors[name].path.name != shard:

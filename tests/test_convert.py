@@ -251,6 +251,16 @@ def test_bad_missing_tensor(checkpoint, tmp_path, capsys):
     assert name in err and "missing" in err
 
 
+def test_bad_tensor_in_two_shards(checkpoint, tmp_path, capsys):
+    ckpt = _copy(checkpoint, tmp_path)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    first = _shard_of(ckpt, "lm_head.weight")
+    other = next(name for name, shard in index.items() if ckpt / shard != first and name.endswith(".weight"))
+    _rewrite_shard_header(_shard_of(ckpt, other), lambda h: h.__setitem__("lm_head.weight", h.pop(other)))
+    err = _run_bad([ckpt, "-o", tmp_path / "o.gguf"], capsys)
+    assert "lm_head.weight" in err and "two shards" in err and "missing" not in err
+
+
 def test_bad_shape(checkpoint, tmp_path, capsys):
     ckpt = _copy(checkpoint, tmp_path)
     name = "model.layers.1.attention.dense.weight"
