@@ -38,7 +38,15 @@ from tide_local.ggml import _lib
 from tide_local.ggml._handle import OwnedHandle, status_error
 from tide_local.ggml.buffers import Buffer
 from tide_local.ggml.context import Context
-from tide_local.ggml.device import BufferType, Device, accelerator_devices, cpu_buffer_type, devices
+from tide_local.ggml.device import (
+    BufferType,
+    Device,
+    accelerator_devices,
+    cpu_buffer_type,
+    devices,
+    note_released,
+    released_count,
+)
 from tide_local.ggml.graph import Graph
 from tide_local.ggml.tensor import Tensor
 
@@ -66,7 +74,7 @@ class Backend(OwnedHandle):
     "emulated" device can be made on machines without an accelerator.
     """
 
-    def __init__(self, ptr: int, device: Device | None = None):
+    def __init__(self, ptr: int, device: Device | None = None, params: str | None = None):
         if not ptr:
             raise RuntimeError("backend initialization failed")
         self._lib = _L()
@@ -75,6 +83,10 @@ class Backend(OwnedHandle):
         self.device = device or (Device(dev) if dev else None)
         self._n_threads: int | None = None
         self._lock = threading.Lock()
+        self._params = params
+        # a driver that reads stale descriptor bindings: renew the backend after frees (device.py)
+        self._renew = self.device is not None and self.device.reads_unused_descriptors
+        self._released_seen = released_count(self.device) if self._renew else 0
 
     # ---- construction
     @classmethod
@@ -106,7 +118,7 @@ class Backend(OwnedHandle):
         ptr = L.ggml_backend_dev_init(device.ptr, params.encode() if params else None)
         if not ptr:
             raise RuntimeError(f"cannot initialize a backend on {device!r}")
-        backend = cls(ptr, device)
+        backend = cls(ptr, device, params)
         if device.type == "cpu":
             backend.n_threads = usable_cores()
         return backend
@@ -202,6 +214,8 @@ class Backend(OwnedHandle):
             if inputs:
                 for t, arr in inputs.items():
                     t.set(arr)
+            if self._renew and released_count(self.device) != self._released_seen:
+                self._renew_backend()
             status = self._lib.ggml_backend_graph_compute(self._p(), graph.ptr)
         if status != _lib.GGML_STATUS_SUCCESS:
             raise status_error(status, f"{self.name} graph compute")
@@ -232,6 +246,20 @@ class Backend(OwnedHandle):
                         f"{self.name} cannot read tensor {c.name.decode()!r} in a "
                         f"{L.ggml_backend_buft_name(buft).decode()} buffer"
                     )
+
+    def _renew_backend(self) -> None:
+        """Replace the ggml backend by a fresh one on the same device (same buffers, new
+        descriptor sets and scratch), after device memory was freed; see device.py."""
+        L = self._lib
+        fresh = L.ggml_backend_dev_init(self.device.ptr, self._params.encode() if self._params else None)
+        if not fresh:
+            raise RuntimeError(f"cannot renew the backend on {self.device!r}")
+        L.ggml_backend_synchronize(self._p())
+        L.ggml_backend_free(self.ptr)
+        self.ptr = fresh
+        self._released_seen = released_count(self.device)
+        if self._n_threads is not None and not self.is_cpu:
+            self.n_threads = self._n_threads
 
     # ---- lifetime
     def free(self) -> None:
@@ -273,8 +301,16 @@ class GraphAllocator(OwnedHandle):
 
     def reserve(self, graph: Graph) -> None:
         """Size the compute buffer for a worst-case graph (optional; alloc grows it too)."""
-        if not self._lib.ggml_gallocr_reserve(self._p(), graph.ptr):
+        before = self.size
+        ok = self._lib.ggml_gallocr_reserve(self._p(), graph.ptr)
+        self._note_regrown(before)
+        if not ok:
             raise MemoryError(f"cannot reserve a {self.buffer_type.name} compute buffer for {graph!r}")
+
+    def _note_regrown(self, before: int) -> None:
+        # ggml-alloc frees the old compute buffer when it allocates a larger one
+        if before and self.size != before:
+            note_released(self.buffer_type.ptr)
 
     def bind(self, graphs: list[Graph]) -> bool:
         """Give several graphs fixed addresses in this one shared buffer.
@@ -294,7 +330,10 @@ class GraphAllocator(OwnedHandle):
         return self.size != size
 
     def alloc(self, graph: Graph) -> None:
-        if not self._lib.ggml_gallocr_alloc_graph(self._p(), graph.ptr):
+        before = self.size
+        ok = self._lib.ggml_gallocr_alloc_graph(self._p(), graph.ptr)
+        self._note_regrown(before)
+        if not ok:
             raise MemoryError(f"cannot allocate {graph!r} in a {self.buffer_type.name} compute buffer")
         graph.allocator = self
         for ctx in graph.contexts:
@@ -312,6 +351,8 @@ class GraphAllocator(OwnedHandle):
 
     def free(self) -> None:
         if self.ptr is not None:
+            if self.size:
+                note_released(self.buffer_type.ptr)
             self._lib.ggml_gallocr_free(self.ptr)
             self.ptr = None
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from tide_local.ggml import _lib
 from tide_local.ggml._handle import OwnedHandle, status_error
-from tide_local.ggml.device import BufferType
+from tide_local.ggml.device import BufferType, note_released
 from tide_local.ggml.tensor import Tensor
 
 __all__ = ["Buffer", "aligned_empty", "wrap_host_memory"]
@@ -109,6 +109,8 @@ class Buffer(OwnedHandle):
         """Free now. Tensors placed in this buffer must not be used afterwards."""
         if self.ptr is not None:
             _lib.READONLY_BUFFERS.discard(self.ptr)
+            if not self._lib.ggml_backend_buffer_is_host(self.ptr):
+                note_released(self._lib.ggml_backend_buffer_get_type(self.ptr))
             self._lib.ggml_backend_buffer_free(self.ptr)
             self.ptr = None
         self.owner = None

@@ -45,6 +45,12 @@ class Device:
     def is_accelerator(self) -> bool:
         return self.type in ("gpu", "igpu")
 
+    @property
+    def reads_unused_descriptors(self) -> bool:
+        """Whether its driver touches every binding of a bound descriptor set (see
+        :func:`note_released`): then a backend on it is renewed after device memory is freed."""
+        return self.description.startswith(_READS_UNUSED_DESCRIPTORS)
+
     def memory(self) -> tuple[int, int]:
         """(free, total) bytes."""
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
@@ -100,6 +106,33 @@ def devices() -> list[Device]:
 def accelerator_devices() -> list[Device]:
     """GPU/iGPU devices (empty on a CPU-only build or machine)."""
     return [d for d in devices() if d.is_accelerator]
+
+
+# Vulkan drivers that, on vkCmdBindDescriptorSets, read every binding of the set, also those
+# the pipeline does not use: Mesa's lavapipe before 23.1 (Debian 12 ships 22.3; its device
+# description does not say which Mesa, so every lavapipe counts). ggml-vulkan gives all its
+# pipelines one 12-binding set layout and rewrites only the bindings a pipeline uses, so a
+# set keeps bindings to buffers an earlier graph used. Once such a buffer is freed (a
+# pass's state, a compute buffer that grew), binding that set again makes lavapipe take a
+# reference on the freed buffer: heap corruption in the process (lavapipe's device memory
+# is host memory), aborting in a later malloc. The Vulkan spec allows stale bindings a
+# pipeline does not use, so ggml is within its rights and real GPUs are unaffected. What we
+# do: count device memory released per device here, and renew a backend on such a device
+# (fresh descriptor sets) before it computes after a release (``Backend.compute``).
+_READS_UNUSED_DESCRIPTORS = ("llvmpipe",)
+_released: dict[int, int] = {}  # device address -> buffers of its memory released so far
+
+
+def note_released(buffer_type_ptr: int) -> None:
+    """A buffer of this buffer type's device memory was (or is about to be) freed."""
+    dev = _L().ggml_backend_buft_get_device(buffer_type_ptr)
+    if dev:
+        _released[dev] = _released.get(dev, 0) + 1
+
+
+def released_count(device: Device) -> int:
+    """How many buffers of the device's memory were released so far (see :func:`note_released`)."""
+    return _released.get(device.ptr, 0)
 
 
 class BufferType:
