@@ -37,7 +37,7 @@ F32, I32 = int(ggml.GGMLType.F32), int(ggml.GGMLType.I32)
 class Placement:
     """One layer's split for one pass."""
 
-    device_ids: np.ndarray  # int32 [T, K] slot of each assignment (0 where a miss)
+    device_ids: np.ndarray  # int32 [T, K] slot of each assignment (where a miss: a slot the token names nowhere else)
     device_weights: np.ndarray  # float32 [T, K] routing weight (0 where a miss)
     miss_tokens: np.ndarray  # int [P] token of each missed assignment
     miss_slots: np.ndarray  # int [P] which of the K choices
@@ -86,6 +86,23 @@ MISS_ROW_QUANTUM = 8
 def padded_rows(n):
     """Rows the CPU share computes for `n` missed (token, choice) rows (ints or an array)."""
     return -(-n // MISS_ROW_QUANTUM) * MISS_ROW_QUANTUM
+
+
+def distinct_slots(slot_ids: np.ndarray, computed: np.ndarray) -> np.ndarray:
+    """int32 [T, K] ids for a device round's mul_mat_id: `slot_ids` where `computed`, elsewhere
+    (weight 0, output ignored) slots among 0..K-1 that the token names nowhere else.
+
+    A slot named twice by one token breaks ggml-vulkan's mul_mat_id: it computes at most one
+    row per (expert, token) (its dispatch has one column per token), so the other rows of that
+    expert are never written and the layer sums whatever the buffer held. The CPU backend
+    copes, so only a device run shows it. The computed slots of a token differ (its experts
+    do), so slots 0..K-1 hold enough free ones; pools have at least K slots."""
+    T, K = slot_ids.shape
+    taken = np.zeros((T, K + 1), dtype=bool)  # column K: slots >= K, and the uncomputed
+    taken[np.arange(T)[:, None], np.where(computed, np.minimum(slot_ids, K), K)] = True
+    free = np.argsort(taken[:, :K], axis=1, kind="stable")  # each row: its free slots first, ascending
+    rank = np.maximum(np.cumsum(~computed, axis=1) - 1, 0)
+    return np.where(computed, slot_ids, np.take_along_axis(free, rank, axis=1)).astype(np.int32)
 
 
 class CpuExperts:
@@ -145,11 +162,16 @@ class HybridExperts:
             if n == 0:
                 continue
             stacks = weights.layers[layer].experts
+            # at least K slots, so a token's K choices can always name K different ones (see
+            # distinct_slots); slots past the policy's n are never filled and stay zero
             self.pools[layer] = {
-                proj: self.context.new_tensor(stacks[proj].dtype, ne=(stacks[proj].ne[0], stacks[proj].ne[1], n))
+                proj: self.context.new_tensor(stacks[proj].dtype,
+                                              ne=(stacks[proj].ne[0], stacks[proj].ne[1], max(n, cfg.n_experts_used)))
                 for proj in architecture.EXPERT_PROJECTIONS
             }
         self.buffer = device.alloc_tensors(self.context) if self.pools else None
+        if self.buffer is not None:
+            self.buffer.clear(0)
         self.cpu = CpuExperts(cpu, weights, cfg)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tide-cpu-experts")
         self.stats = OffloadCounters()
@@ -199,12 +221,12 @@ class HybridExperts:
         hits, misses, uploads = refresh.tally()
         self.stats.add(layer, hits=hits, misses=misses)
         self.step_log[-1]["layers"][layer] = (hits, misses, uploads)
-        rounds = [(ups, np.where(ids >= 0, ids, 0).astype(np.int32), np.where(ids >= 0, routing.weights, 0.0)
+        rounds = [(ups, distinct_slots(ids, ids >= 0), np.where(ids >= 0, routing.weights, 0.0)
                    .astype(np.float32), ids >= 0) for ups, ids in refresh.rounds]
         if rounds:  # the CPU runs only what no round computes
             miss_t, miss_k = np.nonzero(~hit & np.logical_and.reduce([ids < 0 for _, ids in refresh.rounds]))
         return Placement(
-            device_ids=np.where(hit, refresh.slot_ids, 0).astype(np.int32),
+            device_ids=distinct_slots(refresh.slot_ids, hit),
             device_weights=np.where(hit, routing.weights, 0.0).astype(np.float32),
             miss_tokens=miss_t,
             miss_slots=miss_k,
