@@ -90,6 +90,19 @@ def _replace(slots: LayerSlots, wanted: np.ndarray, counts: np.ndarray) -> list[
     return uploads
 
 
+def _mark_used(slots: LayerSlots, counts: np.ndarray, clock: int) -> None:
+    """Recency of the residents this pass routes to (evictions among equal counts go by it)."""
+    used = slots.slot_of_expert[np.flatnonzero(counts > 0)]
+    slots.last_used[used[used >= 0]] = clock
+
+
+def _upload_top(slots: LayerSlots, wanted: np.ndarray, counts: np.ndarray, clock: int) -> list[tuple[int, int]]:
+    """Make `wanted` resident (see `_replace`) and stamp the slots it fills with `clock`."""
+    uploads = _replace(slots, wanted, counts)
+    slots.last_used[[slot for slot, _ in uploads]] = clock
+    return uploads
+
+
 class Policy:
     name = "policy"
     device_only = False  # True: every routed expert runs on the device, in rounds if need be
@@ -114,14 +127,10 @@ class TidePolicy(Policy):
         self.tau = int(tau)
 
     def refresh(self, slots, counts, step, clock):
-        used = slots.slot_of_expert[np.flatnonzero(counts > 0)]
-        slots.last_used[used[used >= 0]] = clock  # recency, for evictions among equal counts
+        _mark_used(slots, counts, clock)
         if step % self.tau:
             return []
-        wanted = _top_by_count(counts, slots.n_slots, slots.slot_of_expert >= 0)
-        uploads = _replace(slots, wanted, counts)
-        slots.last_used[[slot for slot, _ in uploads]] = clock
-        return uploads
+        return _upload_top(slots, _top_by_count(counts, slots.n_slots, slots.slot_of_expert >= 0), counts, clock)
 
 
 class PrefetchPolicy(TidePolicy):
@@ -141,10 +150,7 @@ class PrefetchPolicy(TidePolicy):
         self._previous[slots] = counts.copy()
         if step % self.tau:
             return []
-        wanted = _top_by_count(known, slots.n_slots, slots.slot_of_expert >= 0)
-        uploads = _replace(slots, wanted, known)
-        slots.last_used[[slot for slot, _ in uploads]] = clock
-        return uploads
+        return _upload_top(slots, _top_by_count(known, slots.n_slots, slots.slot_of_expert >= 0), known, clock)
 
 
 class AdaptivePolicy(Policy):
@@ -163,17 +169,14 @@ class AdaptivePolicy(Policy):
 
     def refresh(self, slots, counts, step, clock):
         resident = slots.slot_of_expert >= 0
-        used = slots.slot_of_expert[np.flatnonzero(counts > 0)]
-        slots.last_used[used[used >= 0]] = clock
+        _mark_used(slots, counts, clock)
         missed = (counts > 0) & ~resident
         rent = self._rent.get(slots, 0.0) + counts[missed].sum() + self.expert_rows * missed.sum()
         wanted = _top_by_count(counts, slots.n_slots, resident)
         incoming = int(np.count_nonzero(~resident[wanted]))
         if incoming and rent >= self.upload_rows * incoming:
-            uploads = _replace(slots, wanted, counts)
-            slots.last_used[[slot for slot, _ in uploads]] = clock
             self._rent[slots] = 0.0
-            return uploads
+            return _upload_top(slots, wanted, counts, clock)
         self._rent[slots] = rent
         return []
 
