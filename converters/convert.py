@@ -1,4 +1,4 @@
-"""`tide convert`: a LLaDA2.0 Hugging Face checkpoint → one GGUF file.
+"""`tide convert`: a LLaDA2.0 Hugging Face checkpoint, or a LLaDA2 GGUF, → one GGUF file.
 
 Streams tensor by tensor and row chunk by row chunk (bounded memory whatever the model
 size), quantizes with ggml's own kernels in worker threads, writes to a temporary file
@@ -24,6 +24,7 @@ from tide_local.gguf import GGUFStreamWriter, tensor_nbytes
 from tide_local.gguf.writer import check_output_path, remove_stale_partials
 from tide_local.progress import Progress, human_bytes
 
+from .gguf_source import GGUFSource, is_gguf
 from .hf_checkpoint import HFCheckpoint
 from .quant_plan import OUTPUT_TYPES, TensorPlan, plan_types
 from .tokenizer_meta import tokenizer_metadata
@@ -49,23 +50,33 @@ def encode_rows(rows: np.ndarray, ggml_type: T) -> np.ndarray:
     return quantize_rows(np.ascontiguousarray(rows, dtype=np.float32), int(ggml_type))
 
 
-def _work_items(checkpoint: HFCheckpoint, plan: TensorPlan):
-    """(source name, first row, end row) pieces of one output tensor, in file order."""
+def _work_items(source: HFCheckpoint | GGUFSource, plan: TensorPlan):
+    """(source tensor name, first row, end row) pieces of one output tensor, in file order."""
     spec = plan.spec
-    for hf_name in spec.hf_names:  # one per expert for stacks, expert-major
-        source = checkpoint.tensors[hf_name]
-        rows = source.n_rows
-        per_chunk = max(1, CHUNK_VALUES // max(1, spec.n_per_row))
+    per_chunk = max(1, CHUNK_VALUES // max(1, spec.n_per_row))
+    if isinstance(source, GGUFSource):  # one tensor, expert stacks as rows
+        pieces = [(spec.name, source.n_rows(spec.name))]
+    else:  # one per expert for stacks, expert-major
+        pieces = [(name, source.tensors[name].n_rows) for name in spec.hf_names]
+    for name, rows in pieces:
         for start in range(0, rows, per_chunk):
-            yield hf_name, start, min(rows, start + per_chunk)
+            yield name, start, min(rows, start + per_chunk)
 
 
-def _metadata(checkpoint: HFCheckpoint, plans: list[TensorPlan], output_type: str, alignment: int) -> dict:
-    cfg = checkpoint.config
+def _read_job(source: HFCheckpoint | GGUFSource, plan: TensorPlan):
+    """item → the bytes of those rows in the planned type (a GGUF's rows of that type: copied)."""
+    if isinstance(source, GGUFSource) and source.source_type(plan.spec.name) == plan.ggml_type:
+        return lambda item: np.array(source.raw_rows(*item))
+    return lambda item: encode_rows(source.read_rows(*item), plan.ggml_type)
+
+
+def _metadata(source: HFCheckpoint | GGUFSource, plans: list[TensorPlan], output_type: str, alignment: int) -> dict:
+    """Key → value, or → (value, vtype, item_type) where the GGUF types are given."""
+    cfg = source.config
     meta: dict[str, object] = {
         "general.architecture": architecture.ARCH,
         "general.type": "model",  # llama.cpp's converters write it; its loader reads it
-        "general.name": checkpoint.dir.name,
+        "general.name": source.name if isinstance(source, GGUFSource) else source.dir.name,
         "general.file_type": int(OUTPUT_TYPES[output_type][1]),
         "general.quantization_version": 2,
     }
@@ -93,7 +104,10 @@ def _metadata(checkpoint: HFCheckpoint, plans: list[TensorPlan], output_type: st
     fallbacks = [p.fallback_note() for p in plans if p.fallback]
     if fallbacks:
         meta["tide.type_fallbacks"] = fallbacks
-    meta.update(tokenizer_metadata(checkpoint.tokenizer_path, checkpoint.tokenizer_config, cfg.vocab_size))
+    if isinstance(source, GGUFSource):
+        meta.update(source.tokenizer_metadata())
+    else:
+        meta.update(tokenizer_metadata(source.tokenizer_path, source.tokenizer_config, cfg.vocab_size))
     return meta
 
 
@@ -124,31 +138,53 @@ def check_threads(threads: int | None, flag: str = "--threads") -> None:
         raise UsageError(f"{flag} must be between 1 and {max_threads()} (4 per core), got {threads}")
 
 
-def convert(hf_dir, out, output_type: str = "q8_0", *, threads: int | None = None, dry_run: bool = False,
-            alignment: int = DEFAULT_ALIGNMENT, progress: bool | None = None, log=None) -> dict:
-    """Convert; returns a summary dict (tensors, types, sizes). Raises TideError subclasses.
-    Progress and notes go to `log` (default: sys.stderr at the time of the call)."""
+def open_source(path) -> HFCheckpoint | GGUFSource:
+    """A checkpoint folder, or a LLaDA2 GGUF file."""
+    return GGUFSource(path) if not os.path.isdir(path) and is_gguf(path) else HFCheckpoint(path)
+
+
+def convert(source_path, out, output_type: str = "q8_0", *, threads: int | None = None, dry_run: bool = False,
+            alignment: int = DEFAULT_ALIGNMENT, progress: bool | None = None, log=None,
+            allow_requantize: bool = False) -> dict:
+    """Convert a Hugging Face checkpoint folder or a LLaDA2 GGUF; returns a summary dict
+    (tensors, types, sizes). Raises TideError subclasses. Progress and notes go to `log`
+    (default: sys.stderr at the time of the call). From a GGUF, a tensor quantized to another
+    type than planned is refused unless `allow_requantize`."""
     log = log if log is not None else sys.stderr
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown type {output_type}; choose from {', '.join(OUTPUT_TYPES)}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     out = Path(out)
+    if os.path.exists(out) and os.path.exists(source_path) and os.path.samefile(out, source_path):
+        raise UsageError(f"{out} is the file being converted; write the output to another file")
     if not dry_run:
         _check_output(out, log)
-    checkpoint = HFCheckpoint(hf_dir)
-    cfg = checkpoint.config
-    plans = plan_types(checkpoint.specs, output_type, cfg.n_layers)
-    meta = _metadata(checkpoint, plans, output_type, alignment)
+    source = open_source(source_path)
+    try:
+        return _convert(source, out, output_type, threads, dry_run, alignment, progress, log, allow_requantize)
+    finally:
+        if isinstance(source, GGUFSource):
+            source.close()
+
+
+def _convert(source, out: Path, output_type, threads, dry_run, alignment, progress, log, allow_requantize) -> dict:
+    plans = plan_types(source.specs, output_type, source.config.n_layers)
+    if isinstance(source, GGUFSource):
+        source.check_types(plans, allow_requantize)
+    meta = _metadata(source, plans, output_type, alignment)
     writer = GGUFStreamWriter(out, alignment=alignment)
     for key, value in meta.items():
-        writer.add(key, value, item_type=_ITEM_TYPES.get(key))
+        if isinstance(value, tuple):  # copied with its GGUF types
+            writer.add(key, *value)
+        else:
+            writer.add(key, value, item_type=_ITEM_TYPES.get(key))
     for p in plans:
         writer.add_tensor(p.spec.name, p.spec.ne, p.ggml_type)
     summary = {
         "tensors": len(plans),
         "output_bytes": writer.total_size(),
-        "source_bytes": checkpoint.total_bytes,
+        "source_bytes": source.total_bytes,
         "plans": plans,
         "fallbacks": [p.fallback_note() for p in plans if p.fallback],
     }
@@ -164,19 +200,16 @@ def convert(hf_dir, out, output_type: str = "q8_0", *, threads: int | None = Non
                 f"{out}: needs {human_bytes(summary['output_bytes'])} but only {human_bytes(free)} is free there"
             )
         for p in plans:
-            _convert_tensor(checkpoint, p, writer, pool, threads, bar)
+            _convert_tensor(source, p, writer, pool, threads, bar)
         writer.finish()
     bar.close(f"wrote {out} ({human_bytes(summary['output_bytes'])}, {len(plans)} tensors)")
     return summary
 
 
-def _convert_tensor(checkpoint, plan: TensorPlan, writer, pool, threads, bar) -> None:
-    def job(item):
-        name, start, stop = item
-        return encode_rows(checkpoint.read_rows(name, start, stop), plan.ggml_type)
-
+def _convert_tensor(source, plan: TensorPlan, writer, pool, threads, bar) -> None:
+    job = _read_job(source, plan)
     in_flight: deque = deque()
-    for item in _work_items(checkpoint, plan):
+    for item in _work_items(source, plan):
         in_flight.append(pool.submit(job, item))
         if len(in_flight) >= 2 * threads:  # bounded: memory stays a few chunks per thread
             _drain_one(in_flight, plan, writer, bar)
@@ -202,45 +235,74 @@ EPILOG = """types:
   Norms, router weights and expert bias stay f32. A matrix whose rows do not divide
   into the type's blocks falls back to the nearest type that fits (`tide info` lists them).
 
+From a GGUF (ours, or a LLaDA2 GGUF from llama.cpp's converter): the file is laid out
+again for tide (page-aligned experts: faster uploads to a GPU; decoding defaults). Tensors
+that keep their type are copied unchanged; from f32/f16/bf16 any type can be made; weights
+already quantized to another type are refused unless --allow-requantize (their quantization
+error would compound: convert from the checkpoint instead). --type defaults to the file's.
+
 examples:
   tide convert ./LLaDA2.0-mini -o llada2-mini-q4_k_m.gguf --type q4_k_m
   tide convert ./LLaDA2.0-mini -o mini.gguf --type q8_0 --dry-run
+  tide convert LLaDA2.0-mini-Q8_0.gguf -o mini-q8_0.gguf      re-lay out a llama.cpp GGUF
+  tide convert mini-f16.gguf -o mini-q4_k_m.gguf --type q4_k_m
 """
 
 
 def build_parser(prog: str = "tide convert") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Convert a LLaDA2.0 Hugging Face checkpoint (config.json, *.safetensors, tokenizer.json) "
-        "to a GGUF file for tide. Streams in bounded memory: a 206 GB checkpoint converts with a few GB of RAM.",
+        description="Convert a LLaDA2.0 Hugging Face checkpoint (config.json, *.safetensors, tokenizer.json), "
+        "or a LLaDA2 GGUF, to a GGUF file for tide. Streams in bounded memory: a 206 GB checkpoint converts with "
+        "a few GB of RAM.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory as published on Hugging Face")
-    p.add_argument("-o", "--output", metavar="OUT.gguf", help="output file (default: HF_DIR-TYPE.gguf beside HF_DIR)")
-    p.add_argument("-t", "--type", default="q8_0", choices=list(OUTPUT_TYPES), metavar="TYPE",
-                   help="weight type (default: q8_0; see the list below)")
+    p.add_argument("source", metavar="HF_DIR|IN.gguf",
+                   help="checkpoint directory as published on Hugging Face, or a LLaDA2 GGUF")
+    p.add_argument("-o", "--output", metavar="OUT.gguf", help="output file (default: SOURCE-TYPE.gguf beside SOURCE)")
+    p.add_argument("-t", "--type", default=None, choices=list(OUTPUT_TYPES), metavar="TYPE",
+                   help="weight type (default: q8_0, or a GGUF's own type; see the list below)")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="from a GGUF, allow quantized weights to be quantized to another type")
     p.add_argument("--threads", type=int, default=None, help="quantization threads (default: CPU cores, at most 8)")
     p.add_argument("--dry-run", action="store_true", help="print the tensor plan, types and output size; write nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="with --dry-run, list every tensor")
     return p
 
 
-def default_output(hf_dir: str, output_type: str) -> str:
-    """HF_DIR-TYPE.gguf beside HF_DIR."""
-    source = Path(hf_dir.rstrip("/\\") or hf_dir or ".")
+def default_output(source_path: str, output_type: str) -> str:
+    """SOURCE-TYPE.gguf beside SOURCE (a GGUF's name without its .gguf)."""
+    source = Path(source_path.rstrip("/\\") or source_path or ".")
     if source.name in ("", ".", ".."):
         source = Path(os.path.abspath(source))
     if not source.name:  # the root folder
-        raise UsageError(f"give the output file with -o (no default beside {hf_dir})")
-    return str(source.with_name(f"{source.name}-{output_type}.gguf"))
+        raise UsageError(f"give the output file with -o (no default beside {source_path})")
+    stem = source.stem if source.suffix.lower() == ".gguf" else source.name
+    return str(source.with_name(f"{stem}-{output_type}.gguf"))
+
+
+def source_type_name(source_path: str) -> str:
+    """The output type to default to: a GGUF's own (its tide.output_type or general.file_type), else q8_0."""
+    if os.path.isdir(source_path) or not is_gguf(source_path):
+        return "q8_0"
+    from tide_local.gguf import GGUFFile
+
+    with GGUFFile(source_path) as g:
+        named = g.get("tide.output_type")
+        if named in OUTPUT_TYPES:
+            return named
+        by_file_type = {int(ft): name for name, (_, ft) in OUTPUT_TYPES.items()}
+        return by_file_type.get(g.get("general.file_type"), "q8_0")
 
 
 def main(argv: list[str] | None = None, prog: str = "tide convert") -> int:
     args = build_parser(prog).parse_args(argv)
     check_threads(args.threads)
-    out = args.output or default_output(args.hf_dir, args.type)
-    summary = convert(args.hf_dir, out, args.type, threads=args.threads, dry_run=args.dry_run)
+    output_type = args.type or source_type_name(args.source)
+    out = args.output or default_output(args.source, output_type)
+    summary = convert(args.source, out, output_type, threads=args.threads, dry_run=args.dry_run,
+                      allow_requantize=args.allow_requantize)
     if args.dry_run:
         print_plan(summary, out, args.type, verbose=args.verbose)
     return 0

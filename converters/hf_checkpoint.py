@@ -107,7 +107,7 @@ class HFCheckpoint:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
         if not self.dir.is_dir():
-            raise CheckpointError(f"{self.dir}: not a directory (expected a Hugging Face checkpoint folder)")
+            raise CheckpointError(f"{self.dir}: not a directory (expected a Hugging Face checkpoint folder or a GGUF file)")
         config_path = self.dir / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{self.dir}: no config.json (is this a Hugging Face checkpoint folder?)")

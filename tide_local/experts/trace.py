@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tide_local.errors import TraceError
+from tide_local.paths import write_json_atomically
 
 TRACE_VERSION = 2  # 2: passes carry kind and block (version 1 files are read with both inferred)
 
@@ -61,7 +62,7 @@ class RoutingTrace:
             "n_experts_used": self.n_used, "moe_layers": self.moe_layers,
             "passes": [{**p, "layers": {str(k): v.tolist() for k, v in p["layers"].items()}} for p in self.passes],
         }
-        Path(path).write_text(json.dumps(data))
+        write_json_atomically(path, data, indent=None)  # a cut-short save never replaces a good trace
 
     @classmethod
     def load(cls, path, *, n_experts: int | None = None, moe_layers=None) -> "RoutingTrace":

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tide_local.errors import ProfileError
 from tide_local.experts.memory import MemoryPlan
-from tide_local.planner.profile import default_profile_path, load_profile, write_json_atomically
+from tide_local.paths import write_json_atomically
+from tide_local.planner.profile import default_profile_path, load_profile
 from tide_local.planner.shape import shape_from_file
 
 PLAN_FORMAT = "tide-local plan"

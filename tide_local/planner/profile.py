@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tide_local.errors import ProfileError
+from tide_local.paths import write_json_atomically
 from tide_local.planner.cost import Costs
 from tide_local.planner.shape import ModelShape
 
@@ -58,28 +57,6 @@ def default_profile_path(device: str) -> Path:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def write_json_atomically(path: Path, data) -> None:
-    """Write `data` as JSON to a temporary file beside `path` (a unique name, so concurrent
-    saves do not collide), then rename it into place; on any failure the temporary file is
-    removed and `path` is untouched. Through a symlink, its target is replaced."""
-    path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    text = json.dumps(data, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 @dataclass
