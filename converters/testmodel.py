@@ -58,6 +58,7 @@ __all__ = [
     "special_token_ids",
     "make_checkpoint",
     "parse_size",
+    "write_metadata",
     "main",
 ]
 
@@ -665,6 +666,37 @@ def _write_shard(path: Path, specs: list[HFTensor], values: _Values, on_bytes: C
 # ---------------------------------------------------------------------------------------
 
 
+def write_metadata(out_dir: str | Path, cfg: Mapping[str, Any]) -> None:
+    """Write every file of the Hugging Face layout but the weights into ``out_dir``: config.json
+    (``cfg``, e.g. from :func:`build_config`), generation_config.json, the test tokenizer and its
+    configuration with the chat template. Used for random and for trained checkpoints."""
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    ids = special_token_ids()
+    _write_json(out / "config.json", cfg)
+    _write_json(
+        out / "generation_config.json",
+        {
+            "_from_model_config": True,
+            "bos_token_id": ids["<|startoftext|>"],
+            "eos_token_id": ids["<|endoftext|>"],
+            "pad_token_id": cfg["pad_token_id"],
+            "transformers_version": cfg.get("transformers_version", "4.57.1"),
+        },
+    )
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", _tokenizer_config(cfg))
+    _write_json(
+        out / "special_tokens_map.json",
+        {
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+            "pad_token": "<|endoftext|>",
+        },
+    )
+
+
 def make_checkpoint(
     out_dir: str | Path,
     config: Mapping[str, Any] | None = None,
@@ -704,30 +736,7 @@ def make_checkpoint(
         if path.is_file():
             path.unlink()
 
-    tokenizer = build_tokenizer()
-    ids = special_token_ids()
-    _write_json(out / "config.json", cfg)
-    _write_json(
-        out / "generation_config.json",
-        {
-            "_from_model_config": True,
-            "bos_token_id": ids["<|startoftext|>"],
-            "eos_token_id": ids["<|endoftext|>"],
-            "pad_token_id": cfg["pad_token_id"],
-            "transformers_version": cfg.get("transformers_version", "4.57.1"),
-        },
-    )
-    tokenizer.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", _tokenizer_config(cfg))
-    _write_json(
-        out / "special_tokens_map.json",
-        {
-            "bos_token": "<|startoftext|>",
-            "eos_token": "<|endoftext|>",
-            "mask_token": "<|mask|>",
-            "pad_token": "<|endoftext|>",
-        },
-    )
+    write_metadata(out, cfg)
 
     done = 0
 

@@ -15,7 +15,7 @@ SOURCES = {"tide_local": "tide_local", "converters": "tide_local.converters", "t
 LAYERS = [
     ("foundations", {"errors", "units", "progress", "paths"}),
     ("formats and compute", {"ggml", "gguf", "architecture"}),
-    ("files, tokens, decoding", {"modelfile", "tokenizer", "chat_template", "diffusion", "results", "converters", "demo"}),
+    ("files, tokens, decoding", {"modelfile", "tokenizer", "chat_template", "diffusion", "results", "converters", "demo", "demo_tasks"}),
     ("the forward", {"model"}),
     ("where experts run", {"experts"}),
     ("the planner (pure)", {"planner"}),

@@ -1,0 +1,405 @@
+"""Train the demo model: a small LLaDA2.0 (llada2_moe) that answers the tasks of
+`tide_local.demo_tasks`, from scratch, with torch on the CPU.
+
+    python scripts/train_demo.py OUT_DIR [--minutes 50] [--seed 0]
+
+Writes OUT_DIR/hf (the Hugging Face layout `tide convert` takes: config.json, tokenizer,
+model.safetensors in F32), OUT_DIR/loss.png and OUT_DIR/train_log.json (arguments, commit,
+loss per step, expert load). Then:
+
+    tide convert OUT_DIR/hf -o demo.gguf --type q8_0
+
+The model is the LLaDA2.0 architecture at a small scale: a dense first layer, then MoE layers
+with group-limited sigmoid routing, a selection-only expert bias, routed scaling and a shared
+expert; partial NeoX RoPE, QK norm, an untied LM head. The objective is LLaDA2's block
+diffusion: blocks of 32 tokens aligned at position 0, block-causal attention, a clean prefix
+and one noisy block whose answer positions are masked with probability t ~ U(0, 1), cross-
+entropy on the masked positions. Experts are balanced without an auxiliary loss: after every
+optimizer step each layer's expert bias moves by `--bias-rate` towards even load
+(DeepSeek-V3's rule, which LLaDA2 inherits). torch is needed here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tide_local.converters.testmodel import CHAT_TEMPLATE, build_config, build_tokenizer, write_metadata
+from tide_local.demo_tasks import TASKS, evaluation_set, example
+from tide_local.tokenizer import Tokenizer
+
+BLOCK = 32
+
+# The demo shape (over the tiny test preset): 32 experts, top-4 of 2 groups out of 4, 4 MoE layers.
+DEMO_SHAPE = {
+    "vocab_size": 704,
+    "hidden_size": 256,
+    "num_hidden_layers": 5,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "partial_rotary_factor": 0.5,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 64,
+    "num_experts": 32,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "num_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "rope_theta": 600000,
+    "max_position_embeddings": 4096,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+# Earlier turns before the question (0, 1 or 2), so that a chat can go on.
+HISTORY_TURNS, HISTORY_WEIGHTS = (0, 1, 2), (0.6, 0.3, 0.1)
+
+
+class Data:
+    """Tokenized training samples: the chat prompt (the question, after 0-2 earlier turns of
+    the same tasks), the answer, <|role_end|>, then end-of-text up to the end of the block
+    (what the decoder produces), cut after one noisy block."""
+
+    def __init__(self, seed: int):
+        self.tok = Tokenizer(build_tokenizer().to_str(), CHAT_TEMPLATE, source="the demo tokenizer")
+        raw = build_tokenizer()
+        self.mask_id = raw.token_to_id("<|mask|>")
+        self.eos_id = raw.token_to_id("<|endoftext|>")
+        self.role_end_id = raw.token_to_id("<|role_end|>")
+        self.rng = random.Random(seed)
+        self.held_out = {item.question for item in evaluation_set(200)}
+
+    def example(self):
+        while True:
+            item = example(self.rng.choice(TASKS), self.rng)
+            if item.question not in self.held_out:
+                return item
+
+    def encode(self, history, item) -> tuple[list[int], list[int]]:
+        messages = []
+        for earlier in history:
+            messages += [*earlier.messages(), {"role": "assistant", "content": earlier.answer}]
+        text = self.tok.apply_chat_template(messages + item.messages(), add_generation_prompt=True)
+        return self.tok.encode(text), self.tok.encode(item.answer) + [self.role_end_id]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, target ids or -100) of one noisy block over its clean prefix."""
+        turns = self.rng.choices(HISTORY_TURNS, HISTORY_WEIGHTS)[0]
+        history = [self.example() for _ in range(turns)]
+        prompt, answer = self.encode(history, self.example())
+        ids = prompt + answer
+        P, n_blocks = len(prompt), -(-(len(ids) + 1) // BLOCK)
+        ids = np.array(ids + [self.eos_id] * (n_blocks * BLOCK - len(ids)), dtype=np.int64)
+        b = self.rng.randint(P // BLOCK, n_blocks - 1)
+        ids = ids[: (b + 1) * BLOCK]
+        start = max(P, b * BLOCK)
+        t = self.rng.random()
+        masked = np.array([self.rng.random() < t for _ in range(start, len(ids))])
+        if not masked.any():
+            masked[self.rng.randrange(masked.size)] = True
+        target = np.full(ids.size, -100, dtype=np.int64)
+        where = start + np.flatnonzero(masked)
+        target[where] = ids[where]
+        inputs = ids.copy()
+        inputs[where] = self.mask_id
+        return inputs, target
+
+    def batch(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """About `tokens` tokens of samples of one length (a length bucket keeps padding out)."""
+        first = self.sample()
+        length = first[0].size
+        rows = [first]
+        while len(rows) * length < tokens:
+            s = self.sample()
+            if s[0].size == length:
+                rows.append(s)
+        return torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model (HF parameter names, so saving is a rename-free dump)
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class LLaDA2(torch.nn.Module):
+    def __init__(self, c: dict, seed: int):
+        super().__init__()
+        self.c = c
+        g = torch.Generator().manual_seed(seed)
+        H, V, L = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
+        nh, nkv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        E, m, F_ = c["num_experts"], c["moe_intermediate_size"], c["intermediate_size"]
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * L)
+        self.params = torch.nn.ParameterDict()
+
+        def p(name, shape, scale=std, ones=False):
+            value = torch.ones(shape) if ones else torch.randn(shape, generator=g) * scale
+            self.params[name.replace(".", "__")] = torch.nn.Parameter(value)
+
+        p("model.word_embeddings.weight", (V, H))
+        p("model.norm.weight", (H,), ones=True)
+        p("lm_head.weight", (V, H))
+        for i in range(L):
+            pre = f"model.layers.{i}."
+            p(pre + "input_layernorm.weight", (H,), ones=True)
+            p(pre + "post_attention_layernorm.weight", (H,), ones=True)
+            p(pre + "attention.query_key_value.weight", ((nh + 2 * nkv) * hd, H))
+            p(pre + "attention.query_layernorm.weight", (hd,), ones=True)
+            p(pre + "attention.key_layernorm.weight", (hd,), ones=True)
+            p(pre + "attention.dense.weight", (H, nh * hd), out_std)
+            if i < c["first_k_dense_replace"]:
+                p(pre + "mlp.gate_proj.weight", (F_, H))
+                p(pre + "mlp.up_proj.weight", (F_, H))
+                p(pre + "mlp.down_proj.weight", (H, F_), out_std)
+            else:
+                p(pre + "mlp.gate.weight", (E, H))
+                p(pre + "mlp.experts.gate", (E, m, H))  # stacked; saved per expert
+                p(pre + "mlp.experts.up", (E, m, H))
+                p(pre + "mlp.experts.down", (E, H, m), out_std)
+                p(pre + "mlp.shared_experts.gate_proj.weight", (m, H))
+                p(pre + "mlp.shared_experts.up_proj.weight", (m, H))
+                p(pre + "mlp.shared_experts.down_proj.weight", (H, m), out_std)
+                self.register_buffer(f"bias{i}", torch.zeros(E))
+        r = int(hd * c["partial_rotary_factor"])
+        self.inv_freq = 1.0 / (c["rope_theta"] ** (torch.arange(0, r, 2).float() / r))
+        self.loads: dict[int, torch.Tensor] = {}
+
+    def w(self, name):
+        return self.params[name.replace(".", "__")]
+
+    def rope(self, x, pos):
+        r = self.inv_freq.numel() * 2
+        ang = pos.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        rot, rest = x[..., :r], x[..., r:]
+        half = torch.cat([-rot[..., r // 2:], rot[..., : r // 2]], -1)
+        return torch.cat([rot * cos + half * sin, rest], -1)
+
+    def attention(self, i, x, pos, allowed):
+        c, pre = self.c, f"model.layers.{i}.attention."
+        nh, nkv, hd, eps = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["rms_norm_eps"]
+        Bt, T, _ = x.shape
+        qkv = F.linear(x, self.w(pre + "query_key_value.weight")).view(Bt, T, nh + 2 * nkv, hd)
+        q = rms_norm(qkv[:, :, :nh], self.w(pre + "query_layernorm.weight"), eps)
+        k = rms_norm(qkv[:, :, nh: nh + nkv], self.w(pre + "key_layernorm.weight"), eps)
+        v = qkv[:, :, nh + nkv:]
+        q, k = self.rope(q.transpose(1, 2), pos), self.rope(k.transpose(1, 2), pos)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=allowed, enable_gqa=True)
+        return F.linear(out.transpose(1, 2).reshape(Bt, T, nh * hd), self.w(pre + "dense.weight"))
+
+    def moe(self, i, x):
+        c, pre = self.c, f"model.layers.{i}.mlp."
+        E, K, G, TG = c["num_experts"], c["num_experts_per_tok"], c["n_group"], c["topk_group"]
+        N, H = x.shape
+        scores = torch.sigmoid(F.linear(x, self.w(pre + "gate.weight")))
+        with torch.no_grad():
+            choice = (scores + getattr(self, f"bias{i}")).view(N, G, E // G)
+            kept = choice.topk(2, -1).values.sum(-1).topk(TG, -1).indices
+            keep = torch.zeros(N, G, dtype=torch.bool).scatter_(1, kept, True)
+            choice = choice.masked_fill(~keep[:, :, None], float("-inf")).view(N, E)
+            idx = choice.topk(K, -1).indices  # [N, K]
+        weights = scores.gather(1, idx)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * c["routed_scaling_factor"]
+        flat = idx.reshape(-1)
+        counts = torch.bincount(flat, minlength=E)
+        self.loads[i] = counts
+        order = torch.argsort(flat, stable=True)
+        expert = flat[order]
+        offsets = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(flat.numel()) - offsets[expert]
+        token = order // K
+        cap = int(counts.max())
+        slab = x.new_zeros(E, cap, H)
+        slab[expert, rank] = x[token]
+        h = F.silu(torch.bmm(slab, self.w(pre + "experts.gate").transpose(1, 2)))
+        h = h * torch.bmm(slab, self.w(pre + "experts.up").transpose(1, 2))
+        y = torch.bmm(h, self.w(pre + "experts.down").transpose(1, 2))[expert, rank]
+        y = y * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(x).index_add_(0, token, y)
+        s = pre + "shared_experts."
+        shared = F.linear(F.silu(F.linear(x, self.w(s + "gate_proj.weight"))) * F.linear(x, self.w(s + "up_proj.weight")),
+                          self.w(s + "down_proj.weight"))
+        return out + shared
+
+    def forward(self, ids, rows=None):
+        c, eps = self.c, self.c["rms_norm_eps"]
+        Bt, T = ids.shape
+        pos = torch.arange(T)
+        blk = pos // BLOCK
+        allowed = blk[None, :] <= blk[:, None]
+        h = self.w("model.word_embeddings.weight")[ids]
+        for i in range(c["num_hidden_layers"]):
+            pre = f"model.layers.{i}."
+            h = h + self.attention(i, rms_norm(h, self.w(pre + "input_layernorm.weight"), eps), pos, allowed)
+            x = rms_norm(h, self.w(pre + "post_attention_layernorm.weight"), eps)
+            if i < c["first_k_dense_replace"]:
+                m = pre + "mlp."
+                ffn = F.linear(F.silu(F.linear(x, self.w(m + "gate_proj.weight"))) * F.linear(x, self.w(m + "up_proj.weight")),
+                               self.w(m + "down_proj.weight"))
+            else:
+                ffn = self.moe(i, x.reshape(Bt * T, -1)).view(Bt, T, -1)
+            h = h + ffn
+        h = rms_norm(h, self.w("model.norm.weight"), eps)
+        if rows is not None:
+            h = h[rows]
+        return F.linear(h, self.w("lm_head.weight"))
+
+    @torch.no_grad()
+    def balance(self, rate: float) -> None:
+        """The aux-loss-free update: move each expert's bias towards even load."""
+        for i, counts in self.loads.items():
+            bias = getattr(self, f"bias{i}")
+            bias += rate * torch.sign(counts.float().mean() - counts.float())
+
+    def hf_state(self) -> dict[str, np.ndarray]:
+        """The weights under their Hugging Face names, float32, experts unstacked."""
+        out = {}
+        for key, value in self.params.items():
+            name, value = key.replace("__", "."), value.detach().float()
+            if ".mlp.experts." in name:
+                pre, proj = name.rsplit(".", 1)
+                for e in range(value.shape[0]):
+                    out[f"{pre}.{e}.{proj}_proj.weight"] = value[e].contiguous().numpy()
+            else:
+                out[name] = value.contiguous().numpy()
+        for i in range(self.c["first_k_dense_replace"], self.c["num_hidden_layers"]):
+            out[f"model.layers.{i}.mlp.gate.expert_bias"] = getattr(self, f"bias{i}").float().numpy().copy()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plot(path: Path, losses: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    smooth = np.convolve(losses, np.ones(25) / 25, mode="valid") if len(losses) > 50 else losses
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(losses, alpha=0.3, label="per step")
+    ax.plot(np.arange(len(smooth)) + (len(losses) - len(smooth)), smooth, label="mean of 25")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("masked-token cross-entropy")
+    ax.set_yscale("log")
+    ax.set_title("demo model: block-diffusion training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    ap.add_argument("--minutes", type=float, default=55.0, help="stop after this many minutes even if steps remain")
+    ap.add_argument("--batch-tokens", type=int, default=3072, help="tokens per optimizer step (default 3072)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--bias-rate", type=float, default=1e-3, help="expert-bias update per step (default 1e-3)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+
+    from tqdm import tqdm
+
+    config = build_config("tiny", DEMO_SHAPE)
+    data = Data(args.seed)
+    model = LLaDA2(config, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params / 1e6:.2f} M parameters; {args.steps} steps of ~{args.batch_tokens} tokens, "
+          f"at most {args.minutes:g} min", file=sys.stderr)
+    decay = [p for n, p in model.params.items() if p.dim() >= 2]
+    rest = [p for n, p in model.params.items() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))
+    warmup = max(1, args.steps // 30)
+
+    def lr_at(step):
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    losses, accs = [], []
+    started = time.monotonic()
+    bar = tqdm(range(args.steps), desc="training", unit="step", file=sys.stderr)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        inputs, target = data.batch(args.batch_tokens)
+        rows = target >= 0
+        logits = model(inputs, rows)
+        labels = target[rows]
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.balance(args.bias_rate)
+        losses.append(float(loss.detach()))
+        accs.append(float((logits.argmax(-1) == labels).float().mean()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", acc=f"{np.mean(accs[-20:]):.3f}",
+                            lr=f"{lr_at(step):.1e}")
+        if time.monotonic() - started > args.minutes * 60:
+            print(f"time budget reached after {step + 1} steps", file=sys.stderr)
+            break
+    bar.close()
+    minutes = (time.monotonic() - started) / 60
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    hf = args.out / "hf"
+    hf.mkdir(exist_ok=True)
+    write_metadata(hf, config)
+    from safetensors.numpy import save_file
+
+    save_file(model.hf_state(), str(hf / "model.safetensors"), metadata={"format": "pt"})
+    loads = {i: (c.float() / c.sum()).tolist() for i, c in model.loads.items()}
+    (args.out / "train_log.json").write_text(json.dumps({
+        "command": "python scripts/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": commit(), "torch": torch.__version__, "parameters": n_params, "steps": len(losses),
+        "minutes": round(minutes, 2), "args": {k: str(v) for k, v in vars(args).items()},
+        "loss": losses, "masked_token_accuracy": accs, "last_batch_expert_share": loads,
+    }, indent=1))
+    plot(args.out / "loss.png", losses)
+    print(f"trained {len(losses)} steps in {minutes:.1f} min; final loss {np.mean(losses[-50:]):.4f}; wrote {hf}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
