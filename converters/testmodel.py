@@ -59,6 +59,7 @@ __all__ = [
     "make_checkpoint",
     "parse_size",
     "write_metadata",
+    "bpe_tokenizer_json",
     "main",
 ]
 
@@ -505,8 +506,10 @@ Symbols: (a), [b], {c}, <d>, #tag, @name, $5.00, 50%, a_b, x^2, ~/path/to/file.t
 """
 
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+def bpe_tokenizer_json(lines: list[str], vocab_size: int, min_frequency: int = 1) -> str:
+    """A LLaDA2-style tokenizer trained on `lines`: byte-level BPE (at most `vocab_size` ids,
+    merges of pairs seen at least `min_frequency` times) with the Ling-2.0 split regex, then the
+    added tokens of :data:`SPECIAL_TOKENS`; as tokenizer.json text."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -518,15 +521,13 @@ def _tokenizer_json() -> str:
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB_SIZE,
-        min_frequency=1,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer)
-    if tokenizer.get_vocab_size() != _BPE_VOCAB_SIZE:
-        raise RuntimeError(f"BPE training gave {tokenizer.get_vocab_size()} ids, expected {_BPE_VOCAB_SIZE}")
+    tokenizer.train_from_iterator(lines, trainer)
     for content, special in SPECIAL_TOKENS:
         token = AddedToken(content, special=special, normalized=False)
         if special:
@@ -534,6 +535,17 @@ def _tokenizer_json() -> str:
         else:
             tokenizer.add_tokens([token])
     return tokenizer.to_str()
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    text = bpe_tokenizer_json(_CORPUS.splitlines(keepends=True), _BPE_VOCAB_SIZE)
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_str(text).get_vocab_size(with_added_tokens=False)
+    if size != _BPE_VOCAB_SIZE:
+        raise RuntimeError(f"BPE training gave {size} ids, expected {_BPE_VOCAB_SIZE}")
+    return text
 
 
 def build_tokenizer():
@@ -588,8 +600,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    tokenizer = build_tokenizer()
+def _tokenizer_config(config: Mapping[str, Any], tokenizer) -> dict[str, Any]:
     decoder = {}
     for content, special in SPECIAL_TOKENS:
         decoder[str(tokenizer.token_to_id(content))] = {
@@ -666,13 +677,14 @@ def _write_shard(path: Path, specs: list[HFTensor], values: _Values, on_bytes: C
 # ---------------------------------------------------------------------------------------
 
 
-def write_metadata(out_dir: str | Path, cfg: Mapping[str, Any]) -> None:
+def write_metadata(out_dir: str | Path, cfg: Mapping[str, Any], tokenizer=None) -> None:
     """Write every file of the Hugging Face layout but the weights into ``out_dir``: config.json
-    (``cfg``, e.g. from :func:`build_config`), generation_config.json, the test tokenizer and its
-    configuration with the chat template. Used for random and for trained checkpoints."""
+    (``cfg``, e.g. from :func:`build_config`), generation_config.json, the tokenizer (default: the
+    test tokenizer; one with the added tokens of :data:`SPECIAL_TOKENS`) and its configuration
+    with the chat template. Used for random and for trained checkpoints."""
     out = Path(out_dir)
-    tokenizer = build_tokenizer()
-    ids = special_token_ids()
+    tokenizer = tokenizer or build_tokenizer()
+    ids = {content: tokenizer.token_to_id(content) for content, _ in SPECIAL_TOKENS}
     _write_json(out / "config.json", cfg)
     _write_json(
         out / "generation_config.json",
@@ -685,7 +697,7 @@ def write_metadata(out_dir: str | Path, cfg: Mapping[str, Any]) -> None:
         },
     )
     tokenizer.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", _tokenizer_config(cfg))
+    _write_json(out / "tokenizer_config.json", _tokenizer_config(cfg, tokenizer))
     _write_json(
         out / "special_tokens_map.json",
         {

@@ -34,15 +34,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tide_local.converters.testmodel import CHAT_TEMPLATE, build_config, build_tokenizer, write_metadata
-from tide_local.demo_tasks import TASKS, evaluation_set, example
+from tide_local.converters.testmodel import CHAT_TEMPLATE, bpe_tokenizer_json, build_config, write_metadata
+from tide_local.demo_tasks import TASKS, WORDS, evaluation_set, example
 from tide_local.tokenizer import Tokenizer
 
 BLOCK = 32
 
+def demo_tokenizer():
+    """Byte-level BPE with the LLaDA2 split regex and special tokens, trained on the tasks' text:
+    every word of the reverse task is one token (with and without its leading space), digits are
+    single tokens (the split regex's rule), anything else falls back to bytes."""
+    from tokenizers import Tokenizer
+
+    lines = [f"{w} {w} {w}\n" for w in WORDS for _ in range(3)]
+    lines += ["What is 12 + 34?\n", "What is 56 - 78?\n", "Sort: 9 1 5\n", "Reverse: pear fig\n",
+              "SYSTEM HUMAN ASSISTANT OBSERVATION detailed thinking off\n"] * 8
+    tok = Tokenizer.from_str(bpe_tokenizer_json(lines, vocab_size=4096, min_frequency=2))
+    for w in WORDS:
+        for form in (w, " " + w):
+            if len(tok.encode(form, add_special_tokens=False).ids) != 1:
+                raise RuntimeError(f"{form!r} is not one token")
+    return tok
+
+
+TOKENIZER = demo_tokenizer()
+
 # The demo shape (over the tiny test preset): 32 experts, top-4 of 2 groups out of 4, 4 MoE layers.
 DEMO_SHAPE = {
-    "vocab_size": 704,
+    "vocab_size": -(-TOKENIZER.get_vocab_size() // 64) * 64,
+    "pad_token_id": TOKENIZER.token_to_id("<|endoftext|>"),
     "hidden_size": 256,
     "num_hidden_layers": 5,
     "first_k_dense_replace": 1,
@@ -69,7 +89,7 @@ DEMO_SHAPE = {
 
 
 # Earlier turns before the question (0, 1 or 2), so that a chat can go on.
-HISTORY_TURNS, HISTORY_WEIGHTS = (0, 1, 2), (0.6, 0.3, 0.1)
+HISTORY_TURNS, HISTORY_WEIGHTS = (0, 1, 2), (0.8, 0.15, 0.05)
 
 
 class Data:
@@ -78,8 +98,8 @@ class Data:
     (what the decoder produces), cut after one noisy block."""
 
     def __init__(self, seed: int):
-        self.tok = Tokenizer(build_tokenizer().to_str(), CHAT_TEMPLATE, source="the demo tokenizer")
-        raw = build_tokenizer()
+        self.tok = Tokenizer(TOKENIZER.to_str(), CHAT_TEMPLATE, source="the demo tokenizer")
+        raw = TOKENIZER
         self.mask_id = raw.token_to_id("<|mask|>")
         self.eos_id = raw.token_to_id("<|endoftext|>")
         self.role_end_id = raw.token_to_id("<|role_end|>")
@@ -384,7 +404,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     hf = args.out / "hf"
     hf.mkdir(exist_ok=True)
-    write_metadata(hf, config)
+    write_metadata(hf, config, TOKENIZER)
     from safetensors.numpy import save_file
 
     save_file(model.hf_state(), str(hf / "model.safetensors"), metadata={"format": "pt"})
