@@ -93,6 +93,21 @@ def test_memory_plan(model_path):
             plan_memory(m, fixed - 1, N_CTX)
 
 
+def test_pools_hold_at_least_k_slots_and_the_plan_counts_them(model_path):
+    with ModelFile(model_path) as m:
+        K, moe = m.config.n_experts_used, len(m.config.moe_layers)
+        fixed = plan_memory(m, 1 << 40, N_CTX, max_slots=0).fixed_bytes
+        two = plan_memory(m, 1 << 40, N_CTX, max_slots=2)  # fewer than K: the pool still has K
+        assert set(two.slots.values()) == {2}
+        assert two.device_bytes["expert slots"] == K * two.expert_bytes * moe
+        assert budget_for_slots(m, 2, N_CTX) == budget_for_slots(m, K, N_CTX)
+        short = plan_memory(m, fixed + (K - 1) * two.expert_bytes * moe, N_CTX)  # room for K-1: no pool
+        assert set(short.slots.values()) == {0} and short.total_bytes <= short.budget
+    with tide_local.load(model_path, device="emulated", expert_slots=2, n_ctx=N_CTX, threads=1) as eng:
+        pool = eng.offload.pools[m.config.moe_layers[0]]
+        assert all(t.ne[2] == K for t in pool.values())
+
+
 def test_resident_needs_the_budget(model_path):
     with pytest.raises(BudgetError, match="resident"):
         tide_local.load(model_path, device="emulated", policy="resident", expert_slots=4, n_ctx=N_CTX)

@@ -178,7 +178,7 @@ class Engine:
             self.backend = device_backend
             if expert_slots is not None:  # a budget stated as slots per layer (studies, benchmarks)
                 gpu_memory = budget_for_slots(self.file, expert_slots, self.n_ctx)
-            self.plan = self._plan(device_backend, gpu_memory, policy)
+            self.plan = self._plan(device_backend, gpu_memory, policy, expert_slots)
             if policy in ("tide", "prefetch") and tau == "auto":  # the cached plan of `tide plan`, else DEFAULT_TAU (and why)
                 from tide_local.planner.lookup import auto_placement
 
@@ -197,7 +197,7 @@ class Engine:
         self.model = LLaDA2Model(self.file, weights, self.backend, block_length=self.defaults["block_length"],
                                  experts=self.offload, max_positions=self.n_ctx, timer=self.timer)
 
-    def _plan(self, device_backend, gpu_memory, policy: str) -> MemoryPlan:
+    def _plan(self, device_backend, gpu_memory, policy: str, expert_slots: int | None = None) -> MemoryPlan:
         if gpu_memory is None:
             if self.device == "emulated":
                 budget = plan_memory(self.file, 1 << 62, self.n_ctx, max_slots=0).fixed_bytes
@@ -207,7 +207,8 @@ class Engine:
                 budget = free - max(512 << 20, total // 10)
         else:
             budget = parse_memory(gpu_memory)
-        plan = plan_memory(self.file, budget, self.n_ctx, max_slots=0 if policy == "cpu" else None)
+        # slots asked for are what is used, also below K where a pool holds K anyway
+        plan = plan_memory(self.file, budget, self.n_ctx, max_slots=0 if policy == "cpu" else expert_slots)
         if policy == "resident" and any(n < self.config.n_experts for n in plan.slots.values()):
             need = plan.fixed_bytes + plan.expert_bytes * len(plan.slots) * self.config.n_experts
             from tide_local.units import human_bytes  # MiB below 1 GiB, not "0.04 GiB"

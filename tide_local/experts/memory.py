@@ -32,6 +32,13 @@ def compute_reserve(cfg: architecture.LLaDA2Config, n_ctx: int, block: int = 32)
     return 2 * (scores + activations) + 4 * block * cfg.vocab_size + (16 << 20)
 
 
+def pool_slots(slots: int, experts_per_token: int) -> int:
+    """Slots a layer's device pool holds for `slots` usable ones: at least K (experts per token),
+    so that a token's K choices can always name K different slots (offload.distinct_slots);
+    the ones past `slots` stay zero. No pool for no slots."""
+    return max(slots, experts_per_token) if slots > 0 else 0
+
+
 @dataclass
 class MemoryPlan:
     budget: int
@@ -41,6 +48,11 @@ class MemoryPlan:
     n_experts: int
     n_ctx: int
     notes: list[str] = field(default_factory=list)
+    experts_per_token: int = 1  # pools hold at least this many slots (pool_slots)
+
+    def slot_bytes(self, slots: dict[int, int]) -> int:
+        """Device bytes of the expert pools for `slots` per layer."""
+        return sum(pool_slots(n, self.experts_per_token) for n in slots.values()) * self.expert_bytes
 
     @property
     def fixed_bytes(self) -> int:
@@ -60,7 +72,7 @@ class MemoryPlan:
         """The same budget, fixed part and context with other expert slots per MoE layer (`note`
         says where they come from); check `fits` before using it."""
         device_bytes = dict(self.device_bytes)
-        device_bytes["expert slots"] = sum(slots.values()) * self.expert_bytes
+        device_bytes["expert slots"] = self.slot_bytes(slots)
         return replace(self, device_bytes=device_bytes, slots=dict(slots), notes=list(self.notes) + [note])
 
     @property
@@ -118,8 +130,12 @@ def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | N
         )
     per_layer = (budget - fixed) // max(1, expert_bytes * len(moe)) if moe else 0
     per_layer = min(per_layer, cfg.n_experts if max_slots is None else max_slots)
-    kinds["expert slots"] = per_layer * expert_bytes * len(moe)
-    plan = MemoryPlan(budget, kinds, expert_bytes, {layer: per_layer for layer in moe}, cfg.n_experts, n_ctx)
+    padded = pool_slots(per_layer, cfg.n_experts_used) * expert_bytes * len(moe)
+    if padded > budget - fixed:  # a pool holds K slots at least, and K do not fit
+        per_layer = 0
+    plan = MemoryPlan(budget, kinds, expert_bytes, {layer: per_layer for layer in moe}, cfg.n_experts, n_ctx,
+                      experts_per_token=cfg.n_experts_used)
+    kinds["expert slots"] = plan.slot_bytes(plan.slots)
     if per_layer < cfg.n_experts_used and moe and (max_slots is None or max_slots > 0):
         plan.notes.append(f"fewer slots than experts per token ({cfg.n_experts_used}): most work will run on the CPU")
     return plan
@@ -128,4 +144,4 @@ def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | N
 def budget_for_slots(model: ModelFile, slots: int, n_ctx: int) -> int:
     """The device budget that gives `slots` expert slots per MoE layer."""
     plan = plan_memory(model, 1 << 62, n_ctx, max_slots=0)
-    return plan.fixed_bytes + slots * plan.expert_bytes * len(plan.slots)
+    return plan.fixed_bytes + plan.slot_bytes({layer: slots for layer in plan.slots})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tide_local import ggml, architecture
-from tide_local.experts.memory import MemoryPlan
+from tide_local.experts.memory import MemoryPlan, pool_slots
 from tide_local.experts.policies import LayerSlots, Policy, refresh_layer
 from tide_local.diffusion.blockmodel import PassInfo
 from tide_local.model.experts import routed_experts
@@ -162,11 +162,9 @@ class HybridExperts:
             if n == 0:
                 continue
             stacks = weights.layers[layer].experts
-            # at least K slots, so a token's K choices can always name K different ones (see
-            # distinct_slots); slots past the policy's n are never filled and stay zero
-            self.pools[layer] = {
+            self.pools[layer] = {  # memory.pool_slots: slots past the policy's n stay zero
                 proj: self.context.new_tensor(stacks[proj].dtype,
-                                              ne=(stacks[proj].ne[0], stacks[proj].ne[1], max(n, cfg.n_experts_used)))
+                                              ne=(stacks[proj].ne[0], stacks[proj].ne[1], pool_slots(n, cfg.n_experts_used)))
                 for proj in architecture.EXPERT_PROJECTIONS
             }
         self.buffer = device.alloc_tensors(self.context) if self.pools else None
