@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 import tide_local
 from tide_local.experts.replay import replay
 from tide_local.experts.trace import RoutingTrace
+from tide_local.experts.trace_stats import step_similarity, top_overlap
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = Path(os.environ.get("TIDE_BENCH_DIR", Path.home() / ".cache" / "tide-local" / "bench")) / "mini-q4_k_m.gguf"
@@ -55,18 +55,7 @@ def record_trace(model: Path, new_tokens: int, threads: int, out: Path) -> Routi
 
 def stability(trace: RoutingTrace, budget: int) -> dict:
     """Adjacent denoising steps inside a block: top-B overlap and cosine of routing counts."""
-    overlaps, cosines = [], []
-    steps = [p for p in trace.passes if p["logits"]]
-    for a, b in zip(steps, steps[1:]):
-        if a["start"] != b["start"]:
-            continue
-        for layer in trace.moe_layers:
-            ca = np.bincount(a["layers"][layer].ravel(), minlength=trace.n_experts).astype(float)
-            cb = np.bincount(b["layers"][layer].ravel(), minlength=trace.n_experts).astype(float)
-            cosines.append(ca @ cb / (np.linalg.norm(ca) * np.linalg.norm(cb)))
-            ta, tb = set(np.argsort(-ca, kind="stable")[:budget]), set(np.argsort(-cb, kind="stable")[:budget])
-            overlaps.append(len(ta & tb) / budget)
-    return {"cosine": float(np.mean(cosines)), "top_b_overlap": float(np.mean(overlaps))}
+    return {"cosine": step_similarity(trace), "top_b_overlap": top_overlap(trace, budget)}
 
 
 def main() -> None:
@@ -83,24 +72,18 @@ def main() -> None:
 
     rows, data = [], {"model": str(args.model.name), "machine": platform.processor() or platform.machine(),
                       "passes": len(trace.passes), "results": []}
-    steps_only = None
     for budget in (32, 64, 128):
         configs = [("tide", t) for t in range(1, 9)] + [("swap", None), ("static", None), ("lru", None), ("cpu", None)]
         stab = stability(trace, budget)
         for policy, tau in configs:
             r = replay(trace, policy, 0 if policy == "cpu" else budget, tau=tau or 4,
                        popularity=trace.popularity() if policy == "static" else None)
-            decode = [p for p in r.passes if p["kind"] != "prefill"]
-            blocks = len({p["start"] for p in decode})
-            hits = sum(h for p in decode for h, _, _ in p["layers"].values())
-            misses = sum(m for p in decode for _, m, _ in p["layers"].values())
-            uploads = sum(u for p in decode for _, _, u in p["layers"].values())
+            t = r.totals(decode_only=True)
             row = {"budget": budget, "policy": policy if tau is None else f"tide tau={tau}",
-                   "hit_rate": hits / max(1, hits + misses), "uploads_per_block": uploads / blocks,
-                   "cpu_token_slots_per_block": misses / blocks, **stab}
+                   "hit_rate": t["hit_rate"], "uploads_per_block": t["uploads_per_block"],
+                   "cpu_token_slots_per_block": t["cpu_token_slots_per_block"], **stab}
             data["results"].append(row)
             rows.append(row)
-        steps_only = stab
     lines = [f"Offload counts on {data['model']} (random weights), {trace.n_experts} experts per layer, "
              f"{len(trace.moe_layers)} MoE layers; decoding passes only (steps and block commits, KV cache on).",
              "", "| budget | policy | hit rate | uploads / block | CPU token-slots / block |", "|---|---|---|---|---|"]

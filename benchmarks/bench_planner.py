@@ -54,7 +54,8 @@ from tide_local.planner.lookup import cache_plan, model_identity  # noqa: E402
 from tide_local.planner.plan import make_plan  # noqa: E402
 from tide_local.planner.profile import default_profile_path, load_profile  # noqa: E402
 from tide_local.planner.shape import preset_shape, shape_from_file  # noqa: E402
-from tide_local.planner.synth import SynthSpec, calibrate, step_similarity, swap_hit_rate, synthesize  # noqa: E402
+from tide_local.experts.trace_stats import step_similarity  # noqa: E402
+from tide_local.planner.synth import SynthSpec, calibrate, swap_hit_rate, synthesize  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 N_CTX = 512

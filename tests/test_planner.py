@@ -16,12 +16,13 @@ from tide_local.converters.testmodel import build_config, make_checkpoint
 from tide_local.errors import ProfileError
 from tide_local.experts.replay import replay
 from tide_local.experts.trace import RoutingTrace
+from tide_local.experts.trace_stats import step_similarity
 from tide_local.architecture import LLaDA2Config
 from tide_local.planner.cost import Costs, layer_times, predict, replay_counts
 from tide_local.planner.milp import brute_force, build_cost_table, paper_program, solve
 from tide_local.planner.profile import Profile, load_profile, preset_names
 from tide_local.planner.shape import preset_shape, shape_from_config, shape_from_file
-from tide_local.planner.synth import SynthSpec, calibrate, step_similarity, synthesize
+from tide_local.planner.synth import SynthSpec, calibrate, synthesize
 
 N_CTX = 512
 PROMPT = [int(i) for i in np.random.default_rng(5).integers(0, 640, size=40)]

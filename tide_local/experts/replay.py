@@ -24,13 +24,18 @@ class ReplayResult:
     # per pass: {layer: (hits, misses, uploads)}, with the pass's block start, step and tokens
     passes: list[dict] = field(default_factory=list)
 
-    def totals(self, layers: list[int] | None = None) -> dict:
+    def totals(self, layers: list[int] | None = None, *, decode_only: bool = False) -> dict:
+        """Hits, misses and uploads summed over the passes (`decode_only`: prefill passes left
+        out) and per block; blocks are counted by their first steps, so a trace of several
+        generations counts every one's blocks."""
         hits = misses = uploads = 0
         for p in self.passes:
+            if decode_only and p["kind"] == "prefill":
+                continue
             for layer, (h, m, u) in p["layers"].items():
                 if layers is None or layer in layers:
                     hits, misses, uploads = hits + h, misses + m, uploads + u
-        blocks = len({p["start"] for p in self.passes if p["kind"] == "step"}) or 1
+        blocks = sum(p["kind"] == "step" and p["step"] == 0 for p in self.passes) or 1
         return {"hits": hits, "misses": misses, "hit_rate": hits / max(1, hits + misses), "uploads": uploads,
                 "blocks": blocks, "uploads_per_block": uploads / blocks, "cpu_token_slots_per_block": misses / blocks}
 

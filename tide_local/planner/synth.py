@@ -32,6 +32,7 @@ import numpy as np
 
 from tide_local.diffusion.blockmodel import PassInfo
 from tide_local.experts.trace import RoutingTrace
+from tide_local.experts.trace_stats import step_similarity
 
 TARGET_ADJACENT_SIMILARITY = 0.985  # paper: adjacent denoising steps, within a block
 TARGET_HIT_RATE = 0.95  # paper's code notebook: mini, 128 of 256 resident, tau = 1
@@ -82,21 +83,6 @@ def synthesize(spec: SynthSpec, name: str = "synthetic") -> RoutingTrace:
                 rng.standard_normal(E)
         start += T
     return trace
-
-
-def step_similarity(trace: RoutingTrace, lag: int = 1) -> float:
-    """Mean cosine similarity of expert-count vectors of denoising steps `lag` apart in a block."""
-    sims = []
-    steps = [p for p in trace.passes if p["logits"]]
-    for i, p in enumerate(steps):
-        j = i + lag
-        if j >= len(steps) or steps[j]["start"] != p["start"] or steps[j]["step"] != p["step"] + lag:
-            continue
-        for layer, experts in p["layers"].items():
-            c1 = np.bincount(experts.ravel(), minlength=trace.n_experts).astype(float)
-            c2 = np.bincount(steps[j]["layers"][layer].ravel(), minlength=trace.n_experts).astype(float)
-            sims.append(c1 @ c2 / max(1e-12, np.linalg.norm(c1) * np.linalg.norm(c2)))
-    return float(np.mean(sims)) if sims else float("nan")
 
 
 def swap_hit_rate(trace: RoutingTrace, slots: int) -> float:
