@@ -2,9 +2,9 @@
 
     python docs/chat_screenshot.py [OUT.svg]
 
-The answer is paused at a chosen step of its second block (through a wrapper around the
-engine's stream) so the picture shows masked positions resolving; the demo model's weights
-are random, so its words are noise.
+Two questions are answered in full, then the third answer is paused after the first
+denoising step of its block (through a wrapper around the engine's stream), so the picture
+shows the tokens that step committed at once and the masked positions still to resolve.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from tide_local.tui.app import ChatApp
 from tide_local.tui.widgets import PromptInput
 
 SIZE = (100, 34)
-PAUSE_AT = (2, 11)  # (block of the answer, step in it)
+PAUSE_AT = (1, 0)  # (block of the answer, step in it)
+ANSWERED = ("Reverse: apple pear fig plum", "What is 123 + 456?")
+PAUSED = "Reverse: cat dog sun moon star tree bird fish"
 
 
 async def _until(pilot, condition, timeout: float = 60.0) -> None:
@@ -54,11 +56,12 @@ async def _scenario(app: ChatApp, out: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         prompt = app.query_one(PromptInput)
         await _until(pilot, lambda: not prompt.disabled)
-        prompt.text = "Hello! What are you?"
-        await pilot.press("enter")
-        await _until(pilot, lambda: app.turn is None)
+        for question in ANSWERED:
+            prompt.text = question
+            await pilot.press("enter")
+            await _until(pilot, lambda: app.turn is None)
         reached, release = _pause_stream(app, *PAUSE_AT)
-        prompt.text = "Explain block diffusion in two sentences."
+        prompt.text = PAUSED
         await pilot.press("enter")
         await _until(pilot, reached.is_set)
         await pilot.pause(0.3)

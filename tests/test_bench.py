@@ -178,3 +178,13 @@ def test_tide_bench_mistakes_are_one_line(models, capsys, args, message):
 def test_tide_bench_on_a_missing_file_is_one_line(capsys, tmp_path):
     rc, out, err = bench(capsys, str(tmp_path / "nope.gguf"))
     assert rc != 0 and "no such file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tide_bench_demo(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIDE_CACHE_DIR", str(tmp_path / "cache"))
+    rc, out, err = bench(capsys, "--demo", "--no-llama-cpp", "--context", "64", "--threads", "1", "--repeats", "1",
+                         "--generate", "0")
+    assert rc == 0, err
+    assert "demo-llada2-q8_0.gguf" in err and "| 64 | 1 | **" in out
+    rc, _, err = bench(capsys, "--no-llama-cpp")
+    assert rc == 2 and "give MODEL.gguf or --demo" in err

@@ -1,8 +1,9 @@
-"""`tide chat`: the Textual app driven by Pilot on the demo model.
+"""`tide chat`: the Textual app driven by Pilot.
 
-The demo model is built once into a temporary cache directory. Generation runs with one
-thread and short answers: the app's behaviour does not depend on either, and they keep
-these tests quick on a loaded 2-core machine."""
+The app runs the random tiny test model (its answers never stop early, so every test can reach
+a second block), in a temporary cache directory; one test loads the packaged demo model.
+Generation runs with one thread and short answers: the app's behaviour does not depend on
+either, and they keep these tests quick on a loaded 2-core machine."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 
 import tide_local
 from tide_local import cli
-from tide_local.demo import demo_model_path
+from tide_local.converters.convert import convert
+from tide_local.converters.testmodel import make_checkpoint
 from tide_local.diffusion import BlockEvent, StepEvent
 from tide_local.tui.app import ChatApp
 from tide_local.tui.commands import CommandError, GenerationSettings, message_text, parse_command
@@ -22,25 +24,29 @@ from tide_local.tui.format import offload_text
 from tide_local.tui.live import MASK, LiveAnswer, TokenText, printable, render_answer, render_map
 from tide_local.tui.widgets import AssistantMessage, HelpScreen, LoadingView, Note, PromptInput, UserMessage
 
-N = 24  # answer tokens: one block after the demo's chat prompt
+N = 24  # answer tokens: one block after the chat prompt
+MODEL = {}  # "path": the random tiny model
 
 
 @pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat-model")
+    MODEL["path"] = folder / "tiny-q8_0.gguf"
+    convert(make_checkpoint(folder / "hf", preset="tiny", seed=2025), MODEL["path"], "q8_0", progress=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TIDE_CACHE_DIR", str(tmp_path_factory.mktemp("tide-cache")))
-        yield demo_model_path(progress=False)
+        yield MODEL["path"]
 
 
 @pytest.fixture(scope="module")
-def engine(demo_cache):
-    eng = tide_local.load(demo_cache, device="cpu", threads=1)
+def engine(tiny_model):
+    eng = tide_local.load(tiny_model, device="cpu", threads=1)
     yield eng
     eng.close()
 
 
 def make_app(device: str = "cpu", **options) -> ChatApp:
-    return ChatApp(demo=True, load_options={"device": device, "threads": 1},
+    return ChatApp(str(MODEL["path"]), load_options={"device": device, "threads": 1},
                    options={"max_new_tokens": N, **options})
 
 
@@ -120,6 +126,20 @@ def test_answer_arrives_as_the_engines_chat_answer(engine):
                               {"role": "user", "content": "And then?"}], max_new_tokens=N)
         assert app.messages[-1]["content"] == follow.text
         assert len(app.query(UserMessage)) == 2
+
+    run(app, scenario)
+
+
+def test_the_demo_model_answers_in_the_app():
+    app = ChatApp(demo=True, load_options={"device": "cpu", "threads": 1})
+
+    async def scenario(pilot):
+        await ready(pilot)
+        assert any("Try: Reverse: apple pear fig" in text for text in notes(app))
+        await say(pilot, "Reverse: apple pear fig")
+        assert app.messages[-1]["content"] == "fig pear apple"
+        await say(pilot, "Reverse: cat dog sun moon")  # a second turn, over the first
+        assert app.messages[-1]["content"] == "moon sun dog cat"
 
     run(app, scenario)
 
@@ -335,7 +355,7 @@ def test_loading_shows_what_is_happening(monkeypatch):
     async def scenario(pilot):
         await until(pilot, lambda: "loading" in str(app.query_one("#loading-stage").render()))
         stage = str(app.query_one("#loading-stage").render())
-        assert "memory-mapping" in stage and "demo model" in stage
+        assert "memory-mapping" in stage and MODEL["path"].name in stage
         assert app.query_one(LoadingView).display and app.query_one(PromptInput).disabled
         await say(pilot, "too early", wait=False)
         gate.set()

@@ -24,16 +24,17 @@ examples:
   echo "Write a haiku about rain." | tide generate -m mini.gguf
   tide generate -m mini.gguf -p "Tell me a story." --temperature 0.8 --top-p 0.9 --seed 1
   tide generate -m mini.gguf -p "2+2=" --json | jq .stats
-  tide generate --demo -p "Hello"
+  tide generate --demo -p "Reverse: apple pear fig"
 
---demo runs a tiny model with random weights, built on first use and cached in
-$TIDE_CACHE_DIR (else $XDG_CACHE_HOME/tide-local or ~/.cache/tide-local): it exercises the
-whole pipeline without a download, but its output is noise. For a real model see models.md, then `tide convert`.
+--demo runs the demo model that ships with tide-local: a small LLaDA2 (8 M parameters,
+32 experts per MoE layer) trained here on three tasks only, "Reverse: apple pear fig"
+(which it does well), "What is A + B?" / "What is A - B?" (0-999) and "Sort: 5 3 9 1"
+(right form, mostly wrong numbers). For a real model see models.md, then `tide convert`.
 """
 
 NO_MODEL = (
     "no model given: pass -m MODEL.gguf (download a checkpoint as models.md explains and make the "
-    "GGUF with `tide convert`), or try --demo for a tiny random model"
+    "GGUF with `tide convert`), or try --demo for the small demo model"
 )
 
 def add_decoding_arguments(group, *, max_new_tokens: int) -> None:
@@ -70,6 +71,14 @@ def offload_options_given(args) -> bool:
     return args.gpu_memory is not None or args.policy != "tide" or args.tau != "auto"
 
 
+def unused_offload_warning(eng, args) -> str | None:
+    """The warning for offload options that a CPU-only engine ignores (None: nothing to say)."""
+    if eng.plan is not None or not offload_options_given(args):
+        return None
+    why = "with --device cpu" if args.device == "cpu" else "no GPU in this libggml (`tide devices` says how to get one)"
+    return f"{why}: --gpu-memory, --policy and --tau do nothing; everything runs on the CPU"
+
+
 def load_options(args, **extra) -> dict:
     """`tide_local.load` keywords from parsed offload and thread options."""
     return {"device": args.device, "gpu_memory": args.gpu_memory, "policy": args.policy,
@@ -77,12 +86,12 @@ def load_options(args, **extra) -> dict:
             **extra}
 
 
-def add_model_arguments(group, noise: str) -> None:
-    """-m/--model and --demo, for `tide generate` and `tide chat`; `noise` says what of the
-    demo model's is noise ("its output is noise")."""
+def add_model_arguments(group) -> None:
+    """-m/--model and --demo, for `tide generate` and `tide chat`."""
+    from tide_local.demo import DESCRIPTION as DEMO
+
     group.add_argument("-m", "--model", metavar="MODEL.gguf", help="a LLaDA2 GGUF written by `tide convert`")
-    group.add_argument("--demo", action="store_true",
-                       help=f"use the demo model (tiny, random weights: {noise}); built and cached on first use")
+    group.add_argument("--demo", action="store_true", help=f"use the demo model that ships with tide-local ({DEMO})")
 
 
 def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
@@ -90,7 +99,7 @@ def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
         prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = p.add_argument_group("model and prompt")
-    add_model_arguments(src, "its output is noise")
+    add_model_arguments(src)
     src.add_argument("-p", "--prompt", metavar="TEXT",
                      help="the prompt; '-' or leaving it out reads it from stdin")
     src.add_argument("--raw", action="store_true",
@@ -252,36 +261,55 @@ def _prompt_ids(eng, args, prompt: str) -> tuple[list[int], list[int]]:
         raise ChatTemplateError(f"{err} (use --raw)") from None
 
 
+class TextDeltas:
+    """An answer's text as its blocks finish, handed out as the new part each time: decodes all
+    the answer's ids so far and returns what was not handed out yet. Trailing U+FFFD (bytes of
+    a character whose remaining bytes are in later tokens) are held back until the character is
+    complete. `tide generate` prints these parts; `tide serve` streams them."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # handed out so far
+
+    def block(self, answer) -> str:
+        """The new text once a block's answer tokens (BlockEvent.answer) are added."""
+        self.ids.extend(int(t) for t in answer)
+        return self.advance(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def advance(self, text: str) -> str:
+        """What of `text` (the answer so far, or the final one) was not handed out yet."""
+        if text.startswith(self.text):
+            new = text[len(self.text):]
+        else:  # a detokenizer that rewrote earlier text: hand out what follows the common part
+            common = os.path.commonprefix([text, self.text])
+            new = text[len(common):] if len(text) > len(self.text) else ""
+        self.text += new
+        return new
+
+
 class _Streamer:
-    """Prints the generated text as blocks finish: decodes all generated ids so far and
-    writes only what is new. Trailing U+FFFD (bytes of a character whose remaining bytes
-    are in later tokens) are held back until the character is complete."""
+    """Prints the generated text as blocks finish (complete characters only: TextDeltas)."""
 
     def __init__(self, tokenizer, out):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.printed = ""
+        self.deltas, self.out = TextDeltas(tokenizer), out
+
+    @property
+    def printed(self) -> str:
+        return self.deltas.text
 
     def block(self, event) -> None:
-        self.ids.extend(int(t) for t in event.answer)
-        self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+        self._write(self.deltas.block(event.answer))
 
     def finish(self, text: str) -> None:
-        self._emit(text)
+        self._write(self.deltas.advance(text))
         self.out.write("\n")
         self.out.flush()
 
-    def _emit(self, text: str) -> None:
-        if text.startswith(self.printed):
-            new = text[len(self.printed):]
-        else:  # a detokenizer that rewrote earlier text: print what follows the common part
-            common = os.path.commonprefix([text, self.printed])
-            new = text[len(common):] if len(text) > len(self.printed) else ""
-            text = self.printed + new
+    def _write(self, new: str) -> None:
         if new:
             self.out.write(new)
             self.out.flush()
-            self.printed = text
 
 
 def finish_text(stats) -> str:
@@ -331,11 +359,9 @@ def _run(args) -> int:
         eng = tide_local.load(path, **load_options(args, popularity=popularity))
     except ValueError as err:  # e.g. an unreadable --gpu-memory
         raise UsageError(str(err)) from None
-    if eng.plan is None and offload_options_given(args):
-        why = "with --device cpu" if args.device == "cpu" else \
-            "no GPU in this libggml (`tide devices` says how to get one)"
-        print(f"{args.prog}: warning: {why}: --gpu-memory, --policy and --tau do nothing; everything runs on the CPU",
-              file=sys.stderr)
+    warning = unused_offload_warning(eng, args)
+    if warning:
+        print(f"{args.prog}: warning: {warning}", file=sys.stderr)
     if eng.plan is not None and args.stats and not args.json:
         print(eng.plan.describe(), file=sys.stderr)
     if args.trace:

@@ -91,11 +91,9 @@ class ChatApp(App):
             try:
                 started = time.perf_counter()
                 if self.demo:
-                    from tide_local.demo import cache_dir, demo_model_path
+                    from tide_local.demo import demo_model_path
 
-                    self.post_message(LoadStage(f"preparing the demo model (built on first use, cached in "
-                                                f"{cache_dir()})"))
-                    path = str(demo_model_path(progress=False))
+                    path = str(demo_model_path())
                 else:
                     path = self.model_path
                 self.post_message(LoadStage(load_stage_text(path, self.load_options)))
@@ -156,7 +154,10 @@ class ChatApp(App):
         if eng.plan is not None:
             lines.append(f"device memory plan: {eng.plan.total_bytes / 2**20:.0f} MiB; /stats shows it in full")
         if self.demo:
-            lines.append("The demo model has random weights: its answers are noise, but the decoding you see is real.")
+            from tide_local.demo import DEMO_PROMPTS, DESCRIPTION
+
+            lines.append(f"The demo model is {DESCRIPTION}; it knows nothing else. Try: "
+                         + " · ".join(DEMO_PROMPTS))
         if self.system:
             lines.append(f"system prompt: {self.system}")
         lines.append("Enter sends · Ctrl+J new line · Esc stops an answer · Ctrl+N new chat · F1 or /help for more")

@@ -26,8 +26,9 @@ examples:
   tide chat -m mini.gguf --gpu-memory 6GiB --policy tide --threshold 0.9
   tide chat -m mini.gguf --device emulated --gpu-memory 2GiB      # watch the offload without a GPU
 
---demo runs a tiny model with random weights (built on first use and cached in $TIDE_CACHE_DIR,
-else ~/.cache/tide-local): its answers are noise, but the decoding is real.
+--demo runs the demo model that ships with tide-local: a small LLaDA2 trained on three tasks
+only. Ask it "Reverse: apple pear fig" (it does that well), "What is 123 + 456?" or
+"Sort: 5 3 9 1" (right form, mostly wrong numbers).
 """
 
 NO_MODEL = """\
@@ -35,8 +36,8 @@ no model given. Either:
   tide chat -m MODEL.gguf   a LLaDA2 GGUF: download a checkpoint as models.md explains
                             (e.g. LLaDA2.0-mini) and convert it with
                             `tide convert ./LLaDA2.0-mini -o mini.gguf --type q4_k_m`
-  tide chat --demo          a tiny model with random weights (its answers are noise),
-                            to try the app without a download"""
+  tide chat --demo          the small demo model that ships with tide-local (it
+                            reverses words), no download"""
 
 
 def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(raw=False)  # for generate_cli's option checks: chat always uses the chat template
     src = p.add_argument_group("model")
-    add_model_arguments(src, "its answers are noise")
+    add_model_arguments(src)
     src.add_argument("--system", metavar="TEXT", help="system prompt (change it in the app with /system)")
 
     dec = p.add_argument_group("decoding (change them in the app with /set NAME VALUE)")

@@ -5,7 +5,6 @@ weights."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from tide_local.errors import UsageError
 from tide_local.generate_cli import MAX_CTX, MAX_REPEAT, max_threads
 from tide_local.ggml.backend import usable_cores
 from tide_local.gguf.writer import check_output_path
+from tide_local.paths import write_json_atomically
 from tide_local.progress import human_bytes
 
 EPILOG = """\
@@ -37,6 +37,7 @@ examples:
   tide bench model.gguf                           contexts 512 and 2048, 1 and all threads
   tide bench model.gguf --context 4096 --threads 4,8 --no-llama-cpp
   tide bench model.gguf --json bench.json         the numbers as JSON too
+  tide bench --demo                               the demo model (llama.cpp's copy goes to the cache folder)
 """
 
 
@@ -67,7 +68,8 @@ def _int_list(text: str, what: str, allow_all: bool = False, high: int | None = 
 def build_parser(prog: str = "tide bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL.gguf", help="a GGUF written by `tide convert`")
+    p.add_argument("model", metavar="MODEL.gguf", nargs="?", help="a GGUF written by `tide convert`")
+    p.add_argument("--demo", action="store_true", help="bench the demo model that ships with tide-local")
     p.add_argument("--context", default="512,2048", metavar="N[,N...]",
                    type=lambda s: _int_list(s, "--context", high=MAX_CTX),
                    help="tokens already in the KV cache (default 512,2048)")
@@ -89,6 +91,20 @@ def main(argv: list[str] | None = None, prog: str = "tide bench") -> int:
     from tide_local.bench.cpu import BenchOptions, render, run
     from tide_local.modelfile import ModelFile
 
+    if args.demo == bool(args.model):
+        raise UsageError("give MODEL.gguf or --demo (one of them)")
+    if args.demo:
+        from tide_local.demo import demo_model_path
+        from tide_local.paths import cache_dir
+
+        args.model = str(demo_model_path())
+        if args.llama_cpp and args.llama_cpp_copy is None:  # not beside the packaged file
+            args.llama_cpp_copy = cache_dir() / "demo-bailingmoe2.gguf"
+            try:
+                args.llama_cpp_copy.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UsageError(f"cannot create {args.llama_cpp_copy.parent} ({err.strerror}); set TIDE_CACHE_DIR "
+                                 "or pass --llama-cpp-copy") from None
     if args.repeats < 1:
         raise UsageError("--repeats must be >= 1")
     if args.repeats > MAX_REPEAT:
@@ -122,5 +138,5 @@ def main(argv: list[str] | None = None, prog: str = "tide bench") -> int:
     report = run(args.model, opts, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render(report), end="")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json_atomically(args.json, report, indent=2)
     return 0

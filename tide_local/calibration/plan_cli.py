@@ -120,7 +120,7 @@ def build_parser(prog: str = "tide plan") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", metavar="MODEL.gguf", help="a LLaDA2 GGUF written by `tide convert`")
-    p.add_argument("--demo", action="store_true", help="plan for the demo model (tiny, random weights)")
+    p.add_argument("--demo", action="store_true", help="plan for the demo model that ships with tide-local")
     p.add_argument("--gpu-memory", metavar="SIZE", default=None, help="the device budget, e.g. 6GiB or 10GB")
     p.add_argument("--expert-slots", type=int, metavar="N", default=None,
                    help="instead of --gpu-memory: the budget that gives N slots in every MoE layer")

@@ -37,7 +37,7 @@ def build_parser(prog: str = "tide profile") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", metavar="MODEL.gguf", default=None,
-                   help="the model to measure on (default: the demo model, built on first use)")
+                   help="the model to measure on (default: the demo model that ships with tide-local)")
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="auto (the first GPU of the loaded libggml, else emulated), cpu, emulated, or a device name")
     p.add_argument("-o", "--output", metavar="FILE", default=None,

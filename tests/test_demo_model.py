@@ -1,0 +1,95 @@
+"""The packaged demo model: what it is, and that it answers its tasks."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+import tide_local
+from tide_local.demo import DEMO_PROMPTS, demo_model_path
+from tide_local.demo_tasks import TASKS, Example, evaluation_set, example, is_correct
+from tide_local.modelfile import ModelFile
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = tide_local.load(demo_model_path(), device="cpu", threads=2)
+    yield eng
+    eng.close()
+
+
+def held_out(count: int) -> list[Example]:
+    """`count` prompts of the held-out evaluation set, spread over the tasks."""
+    items = evaluation_set(200)
+    per_task = {task: [i for i in items if i.task == task] for task in TASKS}
+    return [per_task[TASKS[k % len(TASKS)]][k // len(TASKS)] for k in range(count)]
+
+
+def test_the_file_is_small_and_has_the_llada2_moe_shape():
+    path = demo_model_path()
+    assert path.stat().st_size <= 12 * 2**20
+    with ModelFile(path) as model:
+        cfg = model.config
+        assert model.gguf.get("general.architecture") == "llada2"
+        assert cfg.n_experts >= 32 and cfg.n_experts_used >= 4 and len(cfg.moe_layers) >= 4
+        assert 0 not in cfg.moe_layers  # the dense first layer
+
+
+def test_reverses_held_out_prompts(engine):
+    items = [i for i in held_out(80) if i.task == "reverse"]  # 20 prompts
+    answers = [engine.chat(item.messages()).text for item in items]
+    wrong = [(item.question, answer) for item, answer in zip(items, answers) if not is_correct(item, answer)]
+    assert len(wrong) <= 4, wrong  # at least 80% (it measured 86.5% on the 200 held-out ones)
+
+
+def test_sums_and_sorts_have_their_form(engine):
+    """What its training did teach it of the other tasks (the numbers are mostly wrong)."""
+    forms = {"add": re.compile(r"\d+ \+ \d+ = \d+"), "sub": re.compile(r"\d+ - \d+ = -?\d+"),
+             "sort": re.compile(r"\d+( \d+)*")}
+    items = [i for i in held_out(40) if i.task != "reverse"]
+    for item in items:
+        text = engine.chat(item.messages()).text
+        assert forms[item.task].fullmatch(text), (item.question, text)
+
+
+def test_the_advertised_prompts(engine):
+    assert DEMO_PROMPTS[0] == "Reverse: apple pear fig"
+    assert engine.chat([{"role": "user", "content": DEMO_PROMPTS[0]}]).text == "fig pear apple"
+
+
+def test_decoding_commits_several_tokens_per_step(engine):
+    reversed_ = engine.chat([{"role": "user", "content": "Reverse: cat dog sun moon star tree"}])
+    assert reversed_.text == "tree star moon sun dog cat"
+    total = engine.chat([{"role": "user", "content": "What is 123 + 456?"}])  # the form is certain
+    assert total.text.startswith("123 + 456 = ") and total.stats.tokens_per_step >= 2, total.stats.steps_per_block
+
+
+# The task rules themselves.
+
+
+def test_checker_rules():
+    add = Example("add", "What is 5 + 7?", "5 + 7 = 12")
+    assert is_correct(add, "5 + 7 = 12") and is_correct(add, "It is 12") and not is_correct(add, "12 is not 13")
+    sub = Example("sub", "What is 5 - 7?", "5 - 7 = -2")
+    assert is_correct(sub, "5 - 7 = -2") and not is_correct(sub, "5 - 7 = 2")
+    sort = Example("sort", "Sort: 3 1 2", "1 2 3")
+    assert is_correct(sort, "1 2 3") and not is_correct(sort, "1 3 2") and not is_correct(sort, "1 2")
+    rev = Example("reverse", "Reverse: a b", "b a")
+    assert is_correct(rev, "b a") and not is_correct(rev, "a b")
+
+
+def test_examples_follow_the_task_forms():
+    rng = random.Random(0)
+    for _ in range(200):
+        item = example("sort", rng)
+        values = [int(v) for v in item.question.removeprefix("Sort: ").split()]
+        assert 2 <= len(values) <= 8 and all(0 <= v <= 99 for v in values)
+        assert is_correct(item, item.answer)
+        for task in ("add", "sub", "reverse"):
+            item = example(task, rng)
+            assert is_correct(item, item.answer)
+    items = evaluation_set(50)
+    assert len(items) == 200 and len({i.question for i in items}) == 200
+    assert evaluation_set(50) == items  # fixed
