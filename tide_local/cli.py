@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("tide_local.calibration.plan_cli", "choose TIDE's refresh interval and per-layer expert slots for a budget"),
     "bench": ("tide_local.bench.cli", "time a denoising step on the CPU: bandwidth floor, llama.cpp, tokens/s"),
     "chat": ("tide_local.tui.cli", "chat in the terminal, watching each block denoise"),
+    "serve": ("tide_local.serve.cli", "serve the model over HTTP with OpenAI's API"),
 }
 
 USAGE = """usage: tide COMMAND [options]
