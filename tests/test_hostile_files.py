@@ -482,3 +482,18 @@ def test_hostile_safetensors_header_entries(checkpoint, tmp_path, entry):
     shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
     with pytest.raises(CheckpointError, match="hostile"):
         HFCheckpoint(ckpt)
+
+
+@pytest.mark.parametrize("command", [
+    ["info", "{path}"], ["generate", "-m", "{path}", "-p", "hi", "-n", "4"], ["chat", "-m", "{path}"],
+    ["plan", "-m", "{path}", "--expert-slots", "4"], ["profile", "-m", "{path}", "--repeat", "1"],
+    ["bench", "{path}", "--no-llama-cpp"], ["serve", "-m", "{path}", "--port", "0"],
+    ["convert", "{path}", "-o", "{out}"],
+])
+def test_a_hostile_file_is_one_line_in_every_command(model_path, tmp_path, capsys, command):
+    path = rewrite(model_path, tmp_path / "i8.gguf", retype={QKV: T.I8})
+    argv = [a.format(path=path, out=tmp_path / "out.gguf") for a in command]
+    assert tide(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "I8" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.gguf").exists()

@@ -63,8 +63,9 @@ def build_parser(prog: str = "tide chat") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "tide chat") -> int:
-    from tide_local.errors import UsageError
+    from tide_local.errors import TideError, UsageError
     from tide_local.generate_cli import _check_options, load_options
+    from tide_local.modelfile import ModelFile
 
     args = build_parser(prog).parse_args(argv)
     try:
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None, prog: str = "tide chat") -> int:
             raise UsageError(NO_MODEL)
         if args.model and not Path(args.model).is_file():
             raise UsageError(f"no such file: {args.model} (a LLaDA2 GGUF written by `tide convert`; see models.md)")
-    except UsageError as err:
+        if args.model:  # a file that cannot be a model is one line here, before the full screen
+            with ModelFile(args.model):
+                pass
+    except TideError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
     from .app import ChatApp  # textual loads only once the options are good
