@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -340,3 +342,21 @@ def test_a_slow_template_in_the_chat_app_is_an_error_and_the_app_goes_on(model):
             await scenario(pilot)
 
     asyncio.run(main())
+
+
+def test_a_panic_leaves_only_our_line_on_stderr(tokenizer_json, tmp_path):
+    """Rust prints a panic's report to fd 2 itself (a backtrace with RUST_BACKTRACE=1)."""
+    script = tmp_path / "panic.py"
+    script.write_text(
+        "import sys\n"
+        "from tide_local.tokenizer import Tokenizer\n"
+        "from tide_local.errors import GGUFError\n"
+        "print('before', file=sys.stderr, flush=True)\n"
+        "try:\n"
+        f"    Tokenizer({_with_split(tokenizer_json, r'(a+)+$')!r}, source='model.gguf')\n"
+        "except GGUFError as err:\n"
+        "    print(err, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RUST_BACKTRACE": "1"})
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "before" and len(lines) == 2 and "the stored tokenizer failed" in lines[1], out.stderr

@@ -26,7 +26,12 @@ from a file off the internet, so both are bounded, and every way they fail is on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -125,6 +130,40 @@ def tokenizer_json_from_ggml(get: Callable[[str], object], source: str) -> str:
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": vocab, "merges": pairs},
     }, ensure_ascii=False)
+
+
+_STDERR_LOCK = threading.Lock()  # one redirection of fd 2 at a time (each restores what it saved)
+
+
+@contextlib.contextmanager
+def _panic_report_dropped():
+    """Run Rust code with fd 2 held in a temporary file. A Rust panic prints its report (lines,
+    a backtrace with RUST_BACKTRACE) straight to fd 2 before Python sees the exception: that is
+    dropped, the caller says what failed in one line. Whatever else reached fd 2 meanwhile
+    (another thread) is passed on afterwards."""
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no fd 2 to hold
+            yield
+            return
+        panicked = False
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            except BaseException as err:
+                panicked = _is_panic(err)
+                raise
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                if not panicked:
+                    held.seek(0)
+                    rest = held.read()
+                    if rest:
+                        os.write(2, rest)
 
 
 def _is_panic(err: BaseException) -> bool:
@@ -244,7 +283,8 @@ class Tokenizer:
 
     def _encode(self, text: str) -> list[int]:
         try:  # encode_batch releases the GIL while Rust works (encode holds it: a UI thread would freeze)
-            return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
+            with _panic_report_dropped():
+                return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         except BaseException as err:
             if not _is_panic(err):
                 raise
