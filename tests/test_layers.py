@@ -20,7 +20,7 @@ LAYERS = [
     ("where experts run", {"experts"}),
     ("the planner (pure)", {"planner"}),
     ("the engine", {"engine"}),
-    ("tools on the engine", {"calibration", "bench", "generate_cli", "info", "tui", "devices_cli", "serve"}),
+    ("tools on the engine", {"calibration", "bench", "generate_cli", "info", "tui", "devices_cli", "pull_cli", "serve"}),
     ("the command", {"cli", "__main__"}),
 ]
 LAYER_OF = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}

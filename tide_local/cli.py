@@ -11,7 +11,8 @@ import sys
 from tide_local.errors import TideError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("tide_local.converters.convert", "convert a Hugging Face LLaDA2.0 checkpoint to GGUF"),
+    "convert": ("tide_local.converters.convert", "convert a Hugging Face LLaDA2.0 checkpoint (or a GGUF) to GGUF"),
+    "pull": ("tide_local.pull_cli", "download a LLaDA2.0 checkpoint from the Hugging Face hub and convert it"),
     "info": ("tide_local.info", "show and validate a LLaDA2 GGUF file"),
     "devices": ("tide_local.devices_cli", "list the compute devices of the loaded libggml (and the one auto takes)"),
     "generate": ("tide_local.generate_cli", "generate text from a prompt (streamed block by block)"),
