@@ -25,10 +25,14 @@ def pull(args, hf_home, cwd):
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def source(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("src") / "hf", preset="tiny", seed=31)
+
+
+@pytest.fixture
+def hub(source, tmp_path_factory):
     """A hub cache holding owner/tiny-llada2 at main, laid out as huggingface_hub does."""
-    root = tmp_path_factory.mktemp("hf-home")
-    hf = make_checkpoint(tmp_path_factory.mktemp("src") / "hf", preset="tiny", seed=31)
+    root, hf = tmp_path_factory.mktemp("hf-home"), source
     repo = root / "hub" / "models--owner--tiny-llada2"
     shutil.copytree(hf, repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
@@ -60,8 +64,39 @@ def test_a_model_not_in_the_cache_offline_is_one_line(hub, tmp_path):
     (["not-a-repo-id"], "is not a Hugging Face model id"),
     (["owner/name", "-o", "/"], "is a directory"),
     (["owner/name", "--threads", "0"], "--threads must be between 1"),
+    (["owner/name:weights.bin"], "after the colon comes a .gguf file"),
 ])
 def test_mistakes_are_one_line_before_any_download(capsys, args, message):
     assert tide(["pull", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_weights_are_dropped_from_the_cache_unless_keep(hub, tmp_path_factory):
+    home, hf = hub
+    snapshot = home / "hub" / "models--owner--tiny-llada2" / "snapshots" / COMMIT
+    work = tmp_path_factory.mktemp("work")
+    assert pull(["owner/tiny-llada2", "--keep", "-o", "a.gguf"], home, work).returncode == 0
+    assert list(snapshot.glob("*.safetensors"))
+    out = pull(["owner/tiny-llada2", "-o", "b.gguf"], home, work)
+    assert out.returncode == 0 and "deleted" in out.stderr
+    assert not list(snapshot.glob("*.safetensors")) and (snapshot / "config.json").is_file()
+    assert (work / "a.gguf").read_bytes() == (work / "b.gguf").read_bytes()
+
+
+def test_a_gguf_in_the_repository_comes_as_it_is(hub, tmp_path):
+    root, hf = hub
+    snapshot = root / "hub" / "models--owner--tiny-llada2" / "snapshots" / COMMIT
+    convert(hf, snapshot / "tiny-Q8_0.gguf", "q8_0", progress=False)
+    out = pull(["owner/tiny-llada2:tiny-Q8_0.gguf", "-o", "mine.gguf"], root, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "mine.gguf").read_bytes() == (snapshot / "tiny-Q8_0.gguf").read_bytes()
+
+
+def test_the_disk_check_names_what_is_missing(tmp_path):
+    from tide_local.errors import TideError
+    from tide_local.pull_cli import check_disk
+
+    check_disk(tmp_path / "not" / "yet", 1, "a file")  # the nearest existing folder is asked
+    with pytest.raises(TideError, match="the model needs .* but .* free"):
+        check_disk(tmp_path, 1 << 62, "the model")
