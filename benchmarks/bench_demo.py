@@ -52,13 +52,14 @@ POLICIES = [("tide", 1), ("tide", 2), ("tide", 4), ("prefetch", 4), ("adaptive",
             ("lru", None), ("ondemand", None), ("static", None)]
 
 
-def evaluate(path: Path, items, threads: int) -> dict:
-    """Accuracy and parallelism over `items`."""
+def evaluate(path: Path, items, threads: int, keep_trace: bool = False):
+    """Accuracy and parallelism over `items`, and (`keep_trace`) the routing of those answers."""
     right: dict[str, int] = defaultdict(int)
     tokens = steps = blocks = 0
     wrong = []
     started = time.perf_counter()
     with tide_local.load(path, device="cpu", threads=threads) as eng:
+        trace = eng.record_trace() if keep_trace else None
         for item in items:
             result = eng.chat(item.messages())
             ok = is_correct(item, result.text)
@@ -66,10 +67,12 @@ def evaluate(path: Path, items, threads: int) -> dict:
             if not ok:
                 wrong.append({"question": item.question, "answer": result.text})
             tokens, steps, blocks = tokens + result.stats.tokens, steps + result.stats.steps, blocks + result.stats.blocks
+        if trace is not None:
+            eng.stop_trace()
     per_task = {task: right[task] / sum(1 for i in items if i.task == task) for task in TASKS}
     return {"model": path.name, "accuracy": per_task, "tokens_per_step": tokens / max(1, steps),
             "steps_per_block": steps / max(1, blocks), "answers": len(items),
-            "seconds": time.perf_counter() - started, "wrong": wrong}
+            "seconds": time.perf_counter() - started, "wrong": wrong}, trace
 
 
 def record(path: Path, items, threads: int, *, kv_cache: bool = True, max_new_tokens: int | None = None):
@@ -82,9 +85,9 @@ def record(path: Path, items, threads: int, *, kv_cache: bool = True, max_new_to
     return trace
 
 
-def routing(path: Path, items, popularity_items, threads: int, max_new_tokens: int | None = None) -> dict:
-    """Usage and stability of the routing, and every policy replayed over it."""
-    trace = record(path, items, threads, max_new_tokens=max_new_tokens)
+def routing(path: Path, trace, items, popularity_items, threads: int, max_new_tokens: int | None = None) -> dict:
+    """Usage and stability of `trace` (the routing of `items`, KV cache on), the whole-window
+    routing of some of those items, and every policy replayed over `trace`."""
     window = record(path, items[::8], threads, kv_cache=False, max_new_tokens=max_new_tokens)
     popularity = record(path, popularity_items, threads, max_new_tokens=max_new_tokens).popularity()
     with ModelFile(path) as model:  # adaptive's prices: this machine's emulated-device profile, else a preset
@@ -138,15 +141,19 @@ def main(argv=None) -> int:
             for kind in ("f32", "q8_0", "q4_k_m"):
                 models[kind] = tmp / f"demo-{kind}.gguf"
                 convert(args.hf, models[kind], kind, threads=args.threads, progress=False, log=io.StringIO())
+        trace = None
         for label, path in models.items():
             print(f"{label}: {len(items)} prompts ...", file=sys.stderr, flush=True)
-            row = {"label": label, **evaluate(path, items, args.threads)}
-            data["models"].append(row)
+            row, recorded = evaluate(path, items, args.threads, keep_trace=label == "q8_0")
+            trace = recorded or trace
+            data["models"].append({"label": label, **row})
             print(f"  accuracy {row['accuracy']}  tokens/step {row['tokens_per_step']:.2f}  {row['seconds']:.0f} s",
                   file=sys.stderr)
         print("routing: trained q8_0, random tiny ...", file=sys.stderr, flush=True)
-        data["routing"] = {"trained demo (q8_0)": routing(models["q8_0"], items, other, args.threads),
-                           "random tiny (q8_0)": routing(random_model(tmp), few, other[::5], args.threads, 64)}
+        random = random_model(tmp)
+        data["routing"] = {"trained demo (q8_0)": routing(models["q8_0"], trace, items, other, args.threads),
+                           "random tiny (q8_0)": routing(random, record(random, few, args.threads, max_new_tokens=64),
+                                                         few, other[::5], args.threads, 64)}
     write(args, data)
     return 0
 

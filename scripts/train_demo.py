@@ -59,27 +59,13 @@ def demo_tokenizer():
 
 TOKENIZER = demo_tokenizer()
 
-# The demo shape (over the tiny test preset): 32 experts, top-4 of 2 groups out of 4, 4 MoE layers.
+# The demo shape: the tiny test preset (hidden 256, 4 heads of 64 over 2 KV heads, dense FFN 512,
+# expert FFN 64, top-4 of 2 groups out of 4, a shared expert) with 5 layers and 32 experts.
 DEMO_SHAPE = {
     "vocab_size": -(-TOKENIZER.get_vocab_size() // 64) * 64,
     "pad_token_id": TOKENIZER.token_to_id("<|endoftext|>"),
-    "hidden_size": 256,
     "num_hidden_layers": 5,
-    "first_k_dense_replace": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "partial_rotary_factor": 0.5,
-    "intermediate_size": 512,
-    "moe_intermediate_size": 64,
     "num_experts": 32,
-    "num_experts_per_tok": 4,
-    "n_group": 4,
-    "topk_group": 2,
-    "num_shared_experts": 1,
-    "routed_scaling_factor": 2.5,
-    "rope_theta": 600000,
-    "max_position_embeddings": 4096,
 }
 
 

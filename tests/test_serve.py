@@ -390,6 +390,14 @@ def test_stopping_cancels_the_running_request_and_refuses_the_waiting(gated, gat
 
 
 # -- cancellation ----------------------------------------------------------------------------
+def assert_cancelled_by_disconnect(server, job, gate, cancelled_before: int) -> None:
+    """`job`'s client left: its decode (held at the gate) ends cancelled and the worker is free."""
+    until(lambda: job.cancel_reason == "disconnect")
+    gate.set()
+    assert server.scheduler.wait_idle(30)
+    assert server.metrics.generations["cancelled"] == cancelled_before + 1
+
+
 def test_a_stream_closed_after_its_first_chunk_cancels_its_decode(gate, server, client):
     before = server.metrics.generations["cancelled"]
     with httpx.Client(timeout=60) as own, \
@@ -400,10 +408,7 @@ def test_a_stream_closed_after_its_first_chunk_cancels_its_decode(gate, server, 
         until(lambda: server.scheduler.running is not None)
         job = server.scheduler.running
     # the stream and its own connection are closed, the decode held at the gate
-    until(lambda: job.cancel_reason == "disconnect")
-    gate.set()
-    assert server.scheduler.wait_idle(30)
-    assert server.metrics.generations["cancelled"] == before + 1
+    assert_cancelled_by_disconnect(server, job, gate, before)
     reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=N)  # the worker is free
     assert reply.usage.completion_tokens == N
 
@@ -414,10 +419,7 @@ def test_a_client_gone_before_the_answer_cancels_its_decode(gate, server):
     with leaving_client(server.port, KEY):
         until(lambda: server.scheduler.running is not None)
         job = server.scheduler.running
-    until(lambda: job.cancel_reason == "disconnect")
-    gate.set()
-    assert server.scheduler.wait_idle(30)
-    assert server.metrics.generations["cancelled"] == before + 1
+    assert_cancelled_by_disconnect(server, job, gate, before)
     until(lambda: server.metrics.requests["/v1/chat/completions", 499] == gone + 1)  # counted as nginx does
 
 

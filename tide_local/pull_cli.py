@@ -60,9 +60,7 @@ def check_disk(folder: Path, need: int, what: str) -> None:
     """Refuse to start when `folder`'s file system has less than `need` bytes free."""
     from tide_local.units import human_bytes
 
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
+    probe = _existing(folder)
     free = shutil.disk_usage(probe).free
     if free < need:
         raise TideError(f"{what} needs {human_bytes(need)} but {probe} has {human_bytes(free)} free")
@@ -74,17 +72,18 @@ def check_space(download_bytes: int, output_bytes: int, out: Path, what: str) ->
     from huggingface_hub.constants import HF_HUB_CACHE
 
     cache, folder = Path(HF_HUB_CACHE), out.absolute().parent
-    if _device(cache) == _device(folder):
+    if _existing(cache).stat().st_dev == _existing(folder).stat().st_dev:
         check_disk(folder, download_bytes + output_bytes, f"{what} and its GGUF")
     else:
         check_disk(cache, download_bytes, what)
         check_disk(folder, output_bytes, f"the GGUF of {what}")
 
 
-def _device(path: Path) -> int:
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest folder that exists (where it would be created)."""
     while not path.exists():
         path = path.parent
-    return path.stat().st_dev
+    return path
 
 
 def place_copy(src: Path, out: Path) -> Path:
