@@ -161,18 +161,6 @@ class OpsContext(ggml.Context):
     def cast(self, a: Tensor, dtype) -> Tensor:
         return self._unary(self._lib.ggml_cast, a, int(dtype))
 
-    def concat(self, a: Tensor, b: Tensor, dim: int) -> Tensor:
-        """Concatenate along ggml dim ``dim`` (0 = ne[0])."""
-        if not 0 <= dim < 4:
-            raise ValueError(f"concat: dim {dim} out of range")
-        if a.dtype != b.dtype:
-            raise ValueError(f"concat: types differ ({a.type_name}, {b.type_name})")
-        if any(a.ne[d] != b.ne[d] for d in range(4) if d != dim):
-            raise ValueError(f"concat: {a.ne} and {b.ne} differ outside dim {dim}")
-        self._room()
-        self._use(a, b)
-        return self._op(self._lib.ggml_concat(self.ptr, a.ptr, b.ptr, int(dim)), max(a.ndim, b.ndim, dim + 1))
-
 
 class OpsBackend(ggml.Backend):
     """A backend with the memory and asynchronous-transfer calls only the tests use."""

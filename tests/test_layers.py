@@ -19,7 +19,7 @@ LAYERS = [
     ("the forward", {"model"}),
     ("where experts run", {"experts"}),
     ("the planner (pure)", {"planner"}),
-    ("the engine", {"engine"}),
+    ("the engine", {"engine", "batching"}),
     ("tools on the engine", {"calibration", "bench", "generate_cli", "info", "tui", "devices_cli", "pull_cli", "serve"}),
     ("the command", {"cli", "__main__"}),
 ]

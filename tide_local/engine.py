@@ -20,6 +20,7 @@ import numpy as np
 from tide_local import ggml
 from tide_local.diffusion import (BlockEvent, DecodeOptions, DecodeResult, PassInfo, StepEvent, WindowModel,
                                   iter_decode)
+from tide_local.diffusion.batch import SequenceFailed
 from tide_local.diffusion.options import option_default, option_specs
 from tide_local.errors import BudgetError, ContextError, DeviceError, EngineBusyError, GGUFError
 from tide_local.experts.memory import MemoryPlan, budget_for_slots, parse_memory, plan_memory
@@ -38,6 +39,13 @@ PREFILL_SCORE_BYTES = 1 << 28
 DEFAULT_CONTEXT = 4096
 
 
+def prefill_chunk(cfg, n_tokens: int, block_length: int) -> int:
+    """Tokens per prefill pass for a prompt of `n_tokens`: one chunk's attention scores
+    [n_kv, chunk, heads] stay under PREFILL_SCORE_BYTES (whole blocks, at most 512)."""
+    chunk = PREFILL_SCORE_BYTES // (4 * cfg.n_heads * n_tokens)
+    return max(block_length, min(512, chunk) // block_length * block_length)
+
+
 class CachedBlockModel:
     """The decoder's view of the model: prefill, per-step block logits, block commits, each
     forward told what it is for (PassInfo: the expert offload refreshes by it)."""
@@ -54,13 +62,11 @@ class CachedBlockModel:
         return self.model.forward(tokens, start, rows=rows, info=info)
 
     def prefill(self, tokens: np.ndarray) -> None:
-        cfg, n = self.model.config, len(tokens)
+        n = len(tokens)
         if n == 0:
             return
         self.model.ensure_capacity(n)
-        # chunk so that one chunk's attention scores [n_kv, chunk, heads] stay bounded
-        chunk = PREFILL_SCORE_BYTES // (4 * cfg.n_heads * n)
-        chunk = max(self.block_length, min(512, chunk) // self.block_length * self.block_length)
+        chunk = prefill_chunk(self.model.config, n, self.block_length)
         for start in range(0, n, chunk):
             self._forward(tokens[start:start + chunk], start, PassInfo("prefill"))
 
@@ -142,9 +148,13 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, *, device: str = "auto", gpu_memory: str | int | None = None,
                  policy: str = "tide", tau: int | str = "auto", threads: int | None = None, n_ctx: int | None = None,
-                 expert_slots: int | None = None, popularity: dict[int, np.ndarray] | None = None):
+                 expert_slots: int | None = None, popularity: dict[int, np.ndarray] | None = None,
+                 max_batch: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy '{policy}' (choose from {', '.join(POLICIES)})")
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.max_batch = max_batch
         self.file = ModelFile(path)
         self.offload: HybridExperts | None = None
         try:
@@ -177,7 +187,7 @@ class Engine:
         else:
             self.backend = device_backend
             if expert_slots is not None:  # a budget stated as slots per layer (studies, benchmarks)
-                gpu_memory = budget_for_slots(self.file, expert_slots, self.n_ctx)
+                gpu_memory = budget_for_slots(self.file, expert_slots, self.n_ctx, self.max_batch)
             self.plan = self._plan(device_backend, gpu_memory, policy, expert_slots)
             if policy in ("tide", "prefetch") and tau == "auto":  # the cached plan of `tide plan`, else DEFAULT_TAU (and why)
                 from tide_local.planner.lookup import auto_placement
@@ -200,7 +210,7 @@ class Engine:
     def _plan(self, device_backend, gpu_memory, policy: str, expert_slots: int | None = None) -> MemoryPlan:
         if gpu_memory is None:
             if self.device == "emulated":
-                budget = plan_memory(self.file, 1 << 62, self.n_ctx, max_slots=0).fixed_bytes
+                budget = plan_memory(self.file, 1 << 62, self.n_ctx, max_slots=0, sequences=self.max_batch).fixed_bytes
                 budget += self.file.expert_bytes() // 2  # room for half the experts
             else:
                 free, total = self.backend_device_memory(device_backend)
@@ -208,7 +218,8 @@ class Engine:
         else:
             budget = parse_memory(gpu_memory)
         # slots asked for are what is used, also below K where a pool holds K anyway
-        plan = plan_memory(self.file, budget, self.n_ctx, max_slots=0 if policy == "cpu" else expert_slots)
+        plan = plan_memory(self.file, budget, self.n_ctx, max_slots=0 if policy == "cpu" else expert_slots,
+                           sequences=self.max_batch)
         if policy == "resident" and any(n < self.config.n_experts for n in plan.slots.values()):
             need = plan.fixed_bytes + plan.expert_bytes * len(plan.slots) * self.config.n_experts
             from tide_local.units import human_bytes  # MiB below 1 GiB, not "0.04 GiB"
@@ -355,6 +366,51 @@ class Engine:
             result = event
         return result
 
+    @contextmanager
+    def batch(self, max_batch: int | None = None):
+        """Decode several prompts together (a context manager yielding an EngineBatch: see
+        tide_local.batching). It holds the engine while open, like a stream. `max_batch`:
+        sequences at once, at most the engine's own (the device plan holds that many KV caches)."""
+        from tide_local.batching import EngineBatch
+
+        n = self.max_batch if max_batch is None else max_batch
+        if not (isinstance(n, int) and 1 <= n <= self.max_batch):
+            raise ValueError(f"max_batch must be 1..{self.max_batch} for this engine (load it with max_batch=N for more)")
+        with self._exclusive():
+            self.model.drop_cache()  # the batch's sequences bring caches of their own
+            if self.offload is not None:
+                self.offload.reset_stats()
+            self.timer.reset()
+            batch = EngineBatch(self, n)
+            try:
+                yield batch
+            finally:
+                batch.close()
+
+    @_decoding_keywords
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], *, stop_ids: Sequence[int] | None = None,
+                       **options) -> list[GenerationResult]:
+        """Decode `prompts` together, up to the engine's `max_batch` at a time (load(...,
+        max_batch=N); the others join as sequences finish), and return their GenerationResults in
+        order. Each one's tokens are those of `generate(prompt, ...)` on f32 and q8_0 models
+        (K-quants: with GGML_CPU_TILED_MM=0). Every prompt is checked before any decoding."""
+        prompts = list(prompts)
+        for prompt in prompts:  # a bad prompt fails the call before any work
+            self.check_context(len(self._ids(prompt)), self.decode_options(**options).max_new_tokens)
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        with self.batch() as batch:
+            waiting = list(enumerate(prompts))[::-1]
+            while waiting or batch.running:
+                while waiting and batch.has_room():
+                    i, prompt = waiting.pop()
+                    batch.add(i, prompt, stop_ids=stop_ids, **options)
+                for i, event in batch.step():
+                    if isinstance(event, GenerationResult):
+                        results[i] = event
+                    elif isinstance(event, SequenceFailed):
+                        raise event.error
+        return results
+
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template, ready for the answer.
         The render and the tokenizing are bounded by the loaded context (n_ctx)."""
@@ -399,7 +455,8 @@ class Engine:
 
 def load(path: str | os.PathLike, *, device: str = "auto", gpu_memory: str | int | None = None, policy: str = "tide",
          tau: int | str = "auto", threads: int | None = None, n_ctx: int | None = None,
-         expert_slots: int | None = None, popularity: dict[int, np.ndarray] | None = None) -> Engine:
+         expert_slots: int | None = None, popularity: dict[int, np.ndarray] | None = None,
+         max_batch: int = 1) -> Engine:
     """Open a LLaDA2 GGUF (written by `tide convert`) for generation; returns an Engine.
 
     device: "auto" (an accelerator of the loaded libggml if any, else the CPU), "cpu",
@@ -414,6 +471,8 @@ def load(path: str | os.PathLike, *, device: str = "auto", gpu_memory: str | int
     expert_slots: the device budget stated as expert slots per MoE layer (studies, benchmarks).
     popularity: per MoE layer, routed counts per expert (RoutingTrace.popularity()): the
       experts the static policy keeps.
+    max_batch: sequences `generate_batch` / `batch()` decode together (the device memory plan
+      holds a KV cache of n_ctx for each).
     """
     return Engine(path, device=device, gpu_memory=gpu_memory, policy=policy, tau=tau, threads=threads, n_ctx=n_ctx,
-                  expert_slots=expert_slots, popularity=popularity)
+                  expert_slots=expert_slots, popularity=popularity, max_batch=max_batch)

@@ -9,7 +9,7 @@ import numpy as np
 
 __all__ = ["BlockModel", "WindowModel", "PassInfo"]
 
-PassKind = Literal["prefill", "step", "commit", "forward"]
+PassKind = Literal["prefill", "step", "commit", "forward", "batch"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,10 @@ class PassInfo:
 
     kind: ``prefill`` (a chunk of the prompt's full blocks), ``step`` (a denoising step of
     block ``block``, its ``step``-th, counted from 0 in every block and every generation),
-    ``commit`` (the finished block's K/V written once more with its final tokens) or
-    ``forward`` (a plain forward outside decoding, e.g. ``Engine.logits``)."""
+    ``commit`` (the finished block's K/V written once more with its final tokens),
+    ``forward`` (a plain forward outside decoding, e.g. ``Engine.logits``) or ``batch`` (several
+    sequences' requests in one pass, ``step`` counting such passes from 0: the sequences are at
+    different steps of their blocks, so the batch keeps one clock for the offload)."""
 
     kind: PassKind
     block: int = -1  # the block being decoded (its index from position 0); -1 when none

@@ -34,7 +34,7 @@ from .options import DecodeOptions, _is_int
 from .sampling import choose_tokens, select_commits, transfer_schedule
 
 __all__ = ["DecodeOptions", "StepEvent", "BlockEvent", "DecodeStats", "DecodeResult", "FinishReason",
-           "iter_decode", "decode"]
+           "iter_decode", "decode", "decode_program", "check_request", "Prefill", "BlockLogits", "CommitBlock"]
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -135,6 +135,47 @@ def _prompt_array(prompt: Sequence[int]) -> np.ndarray:
     return arr.astype(np.int32)
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """A request of the decoding program: write the K/V of the prompt's full blocks (a reset)."""
+
+    tokens: np.ndarray
+
+
+@dataclass(frozen=True)
+class BlockLogits:
+    """A request: the logits of the active block's rows (the reply the program is sent)."""
+
+    block: np.ndarray
+    start: int
+    rows: np.ndarray
+    step: int
+
+
+@dataclass(frozen=True)
+class CommitBlock:
+    """A request: the finished block's K/V, written once more with its final tokens."""
+
+    block: np.ndarray
+    start: int
+
+
+Request = Prefill | BlockLogits | CommitBlock
+
+
+def check_request(prompt: Sequence[int], options: DecodeOptions, mask_id: int, stop_ids: Collection[int],
+                  model_block: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one decode (ValueError before any model call); returns the prompt as int32 and
+    the stop ids, sorted, as int64."""
+    options.validate()
+    tokens = _prompt_array(prompt)
+    if not _is_int(mask_id) or mask_id < 0:
+        raise ValueError(f"mask_id must be a non-negative integer, got {mask_id!r}")
+    if model_block is not None and model_block != options.block_length:
+        raise ValueError(f"block_length {options.block_length} differs from the model's block length {model_block}")
+    return tokens, np.array(sorted({int(s) for s in stop_ids}), dtype=np.int64)
+
+
 def iter_decode(
     model: BlockModel,
     prompt: Sequence[int],
@@ -148,16 +189,27 @@ def iter_decode(
     last. Raises ValueError (before calling the model) on an empty prompt or invalid options.
     `cancel`: anything with ``is_set()`` (a threading.Event), checked before every step: once
     set, decoding ends with the finished blocks and ``finish_reason`` "cancelled"."""
-    options.validate()
-    tokens = _prompt_array(prompt)
-    if not _is_int(mask_id) or mask_id < 0:
-        raise ValueError(f"mask_id must be a non-negative integer, got {mask_id!r}")
-    B = options.block_length
-    model_block = getattr(model, "block_length", B)
-    if model_block != B:
-        raise ValueError(f"block_length {B} differs from the model's block length {model_block}")
-    stops = np.array(sorted({int(s) for s in stop_ids}), dtype=np.int64)
-    return _run(model, tokens, options, int(mask_id), stops, cancel)
+    tokens, stops = check_request(prompt, options, mask_id, stop_ids, getattr(model, "block_length", None))
+    return _run_solo(model, decode_program(tokens, options, int(mask_id), stops, cancel))
+
+
+def _run_solo(model: BlockModel, program) -> Iterator[StepEvent | BlockEvent | DecodeResult]:
+    """Drive one decoding program: each request runs on `model` at once; events pass through."""
+    reply = None
+    while True:
+        try:
+            item = program.send(reply)
+        except StopIteration:
+            return
+        reply = None
+        if isinstance(item, BlockLogits):
+            reply = model.block_logits(item.block, item.start, item.rows, item.step)
+        elif isinstance(item, Prefill):
+            model.prefill(item.tokens)
+        elif isinstance(item, CommitBlock):
+            model.commit_block(item.block, item.start)
+        else:
+            yield item
 
 
 def _answer_part(block: np.ndarray, start: int, n_prompt: int, limit: int, stops: np.ndarray) -> np.ndarray:
@@ -168,9 +220,12 @@ def _answer_part(block: np.ndarray, start: int, n_prompt: int, limit: int, stops
     return part[: hits[0] + 1].copy() if len(hits) else part.copy()
 
 
-def _run(
-    model: BlockModel, prompt: np.ndarray, options: DecodeOptions, mask_id: int, stops: np.ndarray, cancel
-) -> Iterator[StepEvent | BlockEvent | DecodeResult]:
+def decode_program(prompt: np.ndarray, options: DecodeOptions, mask_id: int, stops: np.ndarray, cancel):
+    """The decoding of one prompt as a program that asks for its forwards: a generator yielding
+    requests (Prefill, BlockLogits, CommitBlock: a BlockLogits is answered by ``send(logits)``) and
+    events (StepEvent, BlockEvent, the DecodeResult last). A driver runs the requests: one at a
+    time on one model (`iter_decode`), or together with other programs' in one batched forward
+    (`diffusion.batch`). `prompt` and `stops` come from `check_request`."""
     B = options.block_length
     P = prompt.size
     max_new = options.max_new_tokens
@@ -183,7 +238,7 @@ def _run(
     offsets = np.arange(B)
 
     clock = _Clock()
-    model.prefill(canvas[: first * B].copy())
+    yield Prefill(canvas[: first * B].copy())
     prefill_seconds = time.perf_counter() - clock._since
 
     steps_per_block: list[int] = []
@@ -201,7 +256,7 @@ def _run(
             rows = np.flatnonzero((block == mask_id) & free)
             if rows.size == 0:
                 break
-            logits = np.asarray(model.block_logits(block.copy(), start, rows, step))
+            logits = np.asarray((yield BlockLogits(block.copy(), start, rows, step)))
             if logits.ndim != 2 or logits.shape[0] != rows.size:
                 raise ValueError(f"block_logits returned shape {logits.shape} for {rows.size} rows")
             chosen, confidence = choose_tokens(
@@ -223,7 +278,7 @@ def _run(
             reason = "stop"
         last = reason == "stop" or b == num_blocks - 1
         if not last:  # the last block's K/V would never be read
-            model.commit_block(block.copy(), start)
+            yield CommitBlock(block.copy(), start)
         clock.pause()
         yield BlockEvent(b, start, block.copy(), done, part)
         clock.resume()

@@ -105,8 +105,11 @@ _DEVICE_KINDS = {
 }
 
 
-def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | None = None) -> MemoryPlan:
-    """Slots per MoE layer for `budget` bytes; raises BudgetError naming the smallest budget that works."""
+def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | None = None,
+                sequences: int = 1) -> MemoryPlan:
+    """Slots per MoE layer for `budget` bytes; raises BudgetError naming the smallest budget that works.
+    `sequences`: how many sequences are decoded together (each its KV cache of n_ctx, and a
+    pass's activations grow with them)."""
     cfg = model.config
     g = model.gguf
     kinds = {"attention": 0, "norms and routers": 0, "shared experts": 0, "dense layers": 0, "LM head": 0}
@@ -116,8 +119,8 @@ def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | N
         if role in architecture.PARTLY_READ_ROLES:  # the embedding and the expert stacks stay on the host
             continue
         kinds[_DEVICE_KINDS.get(role, "norms and routers")] += t.nbytes
-    kinds["KV cache"] = kv_cache_bytes(cfg, n_ctx)
-    kinds["compute buffers"] = compute_reserve(cfg, n_ctx)
+    kinds["KV cache"] = kv_cache_bytes(cfg, n_ctx) * sequences
+    kinds["compute buffers"] = compute_reserve(cfg, n_ctx, block=32 * sequences)
     fixed = sum(kinds.values())
     moe = list(cfg.moe_layers)
     expert_bytes = max((sum(model.experts(layer, p).slice_bytes for p in architecture.EXPERT_PROJECTIONS) for layer in moe),
@@ -138,10 +141,12 @@ def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | N
     kinds["expert slots"] = plan.slot_bytes(plan.slots)
     if per_layer < cfg.n_experts_used and moe and (max_slots is None or max_slots > 0):
         plan.notes.append(f"fewer slots than experts per token ({cfg.n_experts_used}): most work will run on the CPU")
+    if sequences > 1:
+        plan.notes.append(f"KV caches and activations for {sequences} sequences decoded together")
     return plan
 
 
-def budget_for_slots(model: ModelFile, slots: int, n_ctx: int) -> int:
+def budget_for_slots(model: ModelFile, slots: int, n_ctx: int, sequences: int = 1) -> int:
     """The device budget that gives `slots` expert slots per MoE layer."""
-    plan = plan_memory(model, 1 << 62, n_ctx, max_slots=0)
+    plan = plan_memory(model, 1 << 62, n_ctx, max_slots=0, sequences=sequences)
     return plan.fixed_bytes + plan.slot_bytes({layer: slots for layer in plan.slots})

@@ -297,6 +297,18 @@ class Context(OwnedHandle):
         self._use(a, ids)
         return self._op(self._lib.ggml_get_rows(self.ptr, a.ptr, ids.ptr), max(ids.ndim + 1, 2))
 
+    def concat(self, a: Tensor, b: Tensor, dim: int) -> Tensor:
+        """Concatenate along ggml dim ``dim`` (0 = ne[0])."""
+        if not 0 <= dim < 4:
+            raise ValueError(f"concat: dim {dim} out of range")
+        if a.dtype != b.dtype:
+            raise ValueError(f"concat: types differ ({a.type_name}, {b.type_name})")
+        if any(a.ne[d] != b.ne[d] for d in range(4) if d != dim):
+            raise ValueError(f"concat: {a.ne} and {b.ne} differ outside dim {dim}")
+        self._room()
+        self._use(a, b)
+        return self._op(self._lib.ggml_concat(self.ptr, a.ptr, b.ptr, int(dim)), max(a.ndim, b.ndim, dim + 1))
+
     # ---- copies
     def cont(self, a: Tensor) -> Tensor:
         """Contiguous copy (materializes a permute/transpose/view)."""

@@ -29,6 +29,7 @@ The embedding rows are looked up on the host: the table stays in the mapped file
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -83,10 +84,14 @@ def attention_core(ctx: ggml.Context, q, k_cache, v_cache, capacity: int, n_kv: 
 
 
 class KVCache:
-    """Per layer K [head_dim, n_kv, capacity] and V stored transposed [capacity, head_dim·n_kv], f32."""
+    """One sequence's cache: per layer K [head_dim, n_kv, capacity] and V stored transposed
+    [capacity, head_dim·n_kv], f32."""
+
+    _serials = itertools.count()
 
     def __init__(self, backend: ggml.Backend, cfg: LLaDA2Config, capacity: int):
         self.capacity = capacity
+        self.serial = next(self._serials)  # names the cache in pass keys (an id() could be reused)
         self.context = ggml.Context(max_tensors=2 * cfg.n_layers + 2)
         self.k = [self.context.new_tensor(F32, ne=(cfg.head_dim, cfg.n_kv_heads, capacity)) for _ in range(cfg.n_layers)]
         self.v = [self.context.new_tensor(F32, ne=(capacity, cfg.head_dim * cfg.n_kv_heads)) for _ in range(cfg.n_layers)]
@@ -98,6 +103,21 @@ class KVCache:
         return self.buffer.size
 
 
+@dataclass(frozen=True)
+class Span:
+    """One sequence's rows in a pass: `n_tokens` tokens at positions [start, start+n_tokens) of
+    `cache`. A pass over several spans is a batch: every matmul and the MoE run over all their
+    rows, attention runs per span over its own cache."""
+
+    cache: KVCache
+    start: int
+    n_tokens: int
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.cache.serial, self.start, self.n_tokens
+
+
 @dataclass
 class _Segment:
     graph: ggml.Graph
@@ -107,30 +127,35 @@ class _Segment:
 
 
 class Pass:
-    """The graphs of one forward shape: T tokens at positions [start, start+T)."""
+    """The graphs of one forward shape: the spans' tokens, one after another (one span: T tokens
+    at positions [start, start+T) of the model's cache)."""
 
-    def __init__(self, model: "LLaDA2Model", n_tokens: int, start: int):
-        self.model, self.n_tokens, self.start = model, n_tokens, start
-        cfg, T = model.config, n_tokens
-        self.ctx = ctx = ggml.Context(max_tensors=64 + 128 * cfg.n_layers)
+    def __init__(self, model: "LLaDA2Model", spans: tuple[Span, ...]):
+        self.model, self.spans = model, spans
+        self.n_tokens = T = sum(span.n_tokens for span in spans)
+        self.start = spans[0].start if len(spans) == 1 else -1  # -1: a batch of sequences
+        cfg = model.config
+        self.ctx = ctx = ggml.Context(max_tensors=64 + (128 + 32 * len(spans)) * cfg.n_layers)
         # persistent inputs and the activations that cross graphs
         self.embeddings = ctx.new_tensor(F32, ne=(cfg.hidden_size, T), name="embeddings")
         self.positions = ctx.new_tensor(I32, ne=(T,), name="positions")
         group = cfg.n_heads // cfg.n_kv_heads
-        self.mask = ctx.new_tensor(F16, ne=(start + T, group * T), name="mask")
+        self.masks = [ctx.new_tensor(F16, ne=(span.start + span.n_tokens, group * span.n_tokens), name="mask")
+                      for span in spans]
         self.h = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
         self.x = [ctx.new_tensor(F32, ne=(cfg.hidden_size, T)) for _ in range(2)]
         self.final = ctx.new_tensor(F32, ne=(cfg.hidden_size, T), name="final")
         self.experts = model.experts.for_pass(ctx, T, model.timer)  # its persistent tensors join the state
         self.state_buffer = model.backend.alloc_tensors(ctx)
-        self.positions.set(np.arange(start, start + T, dtype=np.int32))
-        self.mask.set(attention_mask(start, T, model.block_length, group))
+        self.positions.set(np.concatenate([np.arange(s.start, s.start + s.n_tokens, dtype=np.int32) for s in spans]))
+        for span, mask in zip(spans, self.masks):
+            mask.set(attention_mask(span.start, span.n_tokens, model.block_length, group))
         self._state_slot: dict[int, int] = {}  # MoE layer → which state pair holds its x
         self.segments = self._build()
         self._lm_heads: dict[int, tuple[ggml.Graph, ggml.Tensor, ggml.Tensor]] = {}
         self.graphs = [seg.graph for seg in self.segments] + list(self.experts.graphs)
         # the largest LM head is reserved with the segments so smaller ones never grow the buffer
-        self._lm_head(n_tokens, bind=False)
+        self._lm_head(T, bind=False)
         model.bind(self.graphs)
 
     # -- graph construction ---------------------------------------------------------------
@@ -178,7 +203,7 @@ class Pass:
         """h + attention(RMSNorm(h)); appends the K/V cache writes to `outputs` (they must run first)."""
         ctx, cfg, m = self.ctx, self.model.config, self.model
         lw: LayerWeights = m.weights.layers[layer]
-        T, start, hd, nh, nkv = self.n_tokens, self.start, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        T, hd, nh, nkv = self.n_tokens, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         x = self._norm(h, lw.attn_norm)
         qkv = ctx.mul_mat(lw.attn_qkv, x)  # [(nh + 2 nkv)·hd, T]: Q heads, K heads, V heads
         row = qkv.nb[1]
@@ -190,14 +215,23 @@ class Pass:
         k = ctx.mul(ctx.rms_norm(k, cfg.rms_eps), lw.attn_k_norm)
         q = ctx.rope(q, self.positions, cfg.rotary_dim, neox=True, freq_base=cfg.rope_theta, n_ctx_orig=cfg.context_length)
         k = ctx.rope(k, self.positions, cfg.rotary_dim, neox=True, freq_base=cfg.rope_theta, n_ctx_orig=cfg.context_length)
-        # this pass's K/V into the cache at [start, start+T)
-        cache = m.cache
-        k_cache, v_cache = cache.k[layer], cache.v[layer]
-        k_slot = ctx.view(k_cache, (hd, nkv, T), (hd * 4, hd * nkv * 4), start * hd * nkv * 4)
-        v_slot = ctx.view(v_cache, (T, hd * nkv), (cache.capacity * 4,), start * 4)
-        outputs.append(ctx.cpy(k, k_slot))
-        outputs.append(ctx.cpy(ctx.transpose(v), v_slot))
-        out = attention_core(ctx, q, k_cache, v_cache, cache.capacity, start + T, self.mask)
+        out, row0 = None, 0
+        for span, mask in zip(self.spans, self.masks):  # per sequence: its K/V into its cache, its attention
+            n, start, cache = span.n_tokens, span.start, span.cache
+            if len(self.spans) > 1:
+                q_s = ctx.view(q, (hd, nh, n), (q.nb[1], q.nb[2]), row0 * q.nb[2])
+                k_s = ctx.view(k, (hd, nkv, n), (k.nb[1], k.nb[2]), row0 * k.nb[2])
+                v_s = ctx.view(qkv, (hd * nkv, n), (row,), (nh + nkv) * hd * 4 + row0 * row)
+            else:
+                q_s, k_s, v_s = q, k, v
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            k_slot = ctx.view(k_cache, (hd, nkv, n), (hd * 4, hd * nkv * 4), start * hd * nkv * 4)
+            v_slot = ctx.view(v_cache, (n, hd * nkv), (cache.capacity * 4,), start * 4)
+            outputs.append(ctx.cpy(k_s, k_slot))
+            outputs.append(ctx.cpy(ctx.transpose(v_s), v_slot))
+            attended = attention_core(ctx, q_s, k_cache, v_cache, cache.capacity, start + n, mask)
+            out = attended if out is None else ctx.concat(out, attended, 1)
+            row0 += n
         return ctx.add(h, ctx.mul_mat(lw.attn_output, out))
 
     def _dense_ffn(self, x, lw: LayerWeights):
@@ -312,13 +346,26 @@ class LLaDA2Model:
             self._passes = {k: p for k, p in self._passes.items() if any(id(g) in current for g in p.graphs)}
 
     def ensure_capacity(self, n_positions: int) -> None:
+        """The model's own cache (the one `forward` uses) holds at least `n_positions`."""
+        if self.cache is None or self.cache.capacity < n_positions:
+            self.drop_cache()
+            self.cache = self.new_cache(n_positions)
+
+    def drop_cache(self) -> None:
+        """Free the model's own cache (a batch of sequences uses caches of its own)."""
+        if self.cache is not None:
+            self.release_cache(self.cache)
+            self.cache = None
+
+    def new_cache(self, n_positions: int) -> KVCache:
+        """A KV cache for one sequence of up to `n_positions` (rounded up to whole granules)."""
         if n_positions > self.max_positions:
             raise ValueError(f"{n_positions} positions exceed the context of {self.max_positions}")
-        if self.cache is None or self.cache.capacity < n_positions:
-            capacity = min(self.max_positions, -(-n_positions // CACHE_GRANULE) * CACHE_GRANULE)
-            self._passes.clear()  # graphs hold views of the old cache
-            self.cache = None
-            self.cache = KVCache(self.backend, self.config, capacity)
+        return KVCache(self.backend, self.config, min(self.max_positions, -(-n_positions // CACHE_GRANULE) * CACHE_GRANULE))
+
+    def release_cache(self, cache: KVCache) -> None:
+        """Forget the passes that hold views of `cache`, so its memory goes with its last reference."""
+        self._passes = {k: p for k, p in self._passes.items() if all(s.cache is not cache for s in p.spans)}
 
     def forward(self, tokens, start: int, rows=None, info: PassInfo | None = None) -> np.ndarray | None:
         """One pass: tokens at positions [start, start+T), attending to the cache [0, start).
@@ -326,11 +373,19 @@ class LLaDA2Model:
         `info`: what the pass is for (the decoder's block and step; default a plain forward)."""
         tokens = np.asarray(tokens, dtype=np.int32)
         self.ensure_capacity(start + len(tokens))
-        key = (len(tokens), start)
+        return self.forward_spans([Span(self.cache, start, len(tokens))], tokens, rows, info)
+
+    def forward_spans(self, spans: list[Span], tokens, rows=None, info: PassInfo | None = None) -> np.ndarray | None:
+        """One pass over several sequences: `tokens` holds the spans' tokens one after another
+        (each span's positions in its own cache), `rows` indexes into them. Each span attends to
+        its own cache only; its rows get the values they would get in a pass of their own on
+        the CPU (matmuls are per row, except K-quants' tiled kernel: see README, exactness)."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        key = tuple(span.key for span in spans)
         p = self._passes.get(key)
         if p is None:
             if len(self._passes) > 8:
                 self._passes.clear()
             with self.timer.phase("build_pass"):
-                p = self._passes[key] = Pass(self, len(tokens), start)
+                p = self._passes[key] = Pass(self, tuple(spans))
         return p.run(tokens, rows, info or PassInfo.plain())

@@ -1,0 +1,164 @@
+"""Several prompts decoded together on one engine: ``Engine.batch()`` and ``generate_batch``.
+
+    with eng.batch() as batch:                 # up to eng.max_batch sequences at once
+        batch.add("a", "What is 2 + 2?")
+        batch.add("b", [1, 2, 3], max_new_tokens=64)
+        while batch.running:
+            for key, event in batch.step():    # StepEvent, BlockEvent, GenerationResult, SequenceFailed
+                ...
+
+Each step is one forward over the active block of every running sequence (prefill chunks and
+block commits ride along): the matmuls and the MoE run over all their rows, attention per
+sequence over its own KV cache, and the expert offload sees the union of their routing. A
+sequence's tokens are those of its solo `generate` on f32 and q8_0 models; K-quant models too
+with GGML_CPU_TILED_MM=0 (the tiled kernel rounds by row count, as the KV cache does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from tide_local.diffusion import DecodeResult, PassInfo
+from tide_local.diffusion.batch import BatchDecoder, BatchPart, SequenceFailed
+from tide_local.engine import prefill_chunk
+from tide_local.model.forward import KVCache, Span
+from tide_local.results import GenerationResult, GenerationStats
+
+__all__ = ["EngineBatch", "BatchStep", "SequenceFailed"]
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    """One batched pass: its wall time, the sequences and rows it forwarded, and the MoE's mean
+    rows per expert (routed assignments per distinct expert, over the MoE layers)."""
+
+    seconds: float
+    sequences: int
+    rows: int
+    rows_per_expert: float
+
+
+class _SequenceCaches:
+    """The BatchModel over an engine's forward: a KV cache per sequence, one pass per step."""
+
+    def __init__(self, engine):
+        self.engine, self.model = engine, engine.model
+        self.block_length = self.model.block_length
+        self.caches: dict[Hashable, KVCache] = {}
+        self.passes: dict[Hashable, int] = {}  # per sequence: passes and rows it took part in
+        self.rows: dict[Hashable, int] = {}
+        self.batch_passes = 0  # passes of several sequences (the offload's clock for them)
+        self.last: BatchStep | None = None
+
+    def open_sequence(self, key, n_positions: int) -> None:
+        self.caches[key] = self.model.new_cache(n_positions)
+        self.passes[key] = self.rows[key] = 0
+
+    def close_sequence(self, key) -> None:
+        self.model.release_cache(self.caches.pop(key))
+
+    def prefill_chunk(self, n_tokens: int) -> int:
+        return prefill_chunk(self.model.config, n_tokens, self.block_length)
+
+    def forward(self, parts: list[BatchPart]) -> list[np.ndarray | None]:
+        t0 = time.perf_counter()
+        spans, rows, offset = [], [], 0
+        for part in parts:
+            spans.append(Span(self.caches[part.key], part.start, len(part.tokens)))
+            if part.rows is not None:
+                rows.append(offset + np.asarray(part.rows))
+            offset += len(part.tokens)
+            self.passes[part.key] += 1
+            self.rows[part.key] += len(part.tokens)
+        tokens = np.concatenate([part.tokens for part in parts])
+        logits = self.model.forward_spans(spans, tokens, np.concatenate(rows) if rows else None, self._info(parts))
+        out, at = [], 0
+        for part in parts:
+            if part.rows is None:
+                out.append(None)
+            else:
+                out.append(logits[at:at + len(part.rows)])
+                at += len(part.rows)
+        self.last = BatchStep(time.perf_counter() - t0, len(parts), offset, self._rows_per_expert())
+        return out
+
+    def _info(self, parts: list[BatchPart]) -> PassInfo:
+        """What the pass is for, as the offload needs it: one part's own, else a batch pass on
+        the batch's clock (a pass of commits only never refreshes, as a solo commit)."""
+        if len(parts) == 1:
+            return parts[0].info
+        if all(part.info.kind == "commit" for part in parts):
+            return PassInfo("commit")
+        self.batch_passes += 1
+        return PassInfo("batch", -1, self.batch_passes - 1)
+
+    def _rows_per_expert(self) -> float:
+        per_layer = [r.experts.size / len(np.unique(r.experts)) for r in self.model.last_routing.values()]
+        return float(np.mean(per_layer)) if per_layer else 0.0
+
+
+class EngineBatch:
+    """Decodes up to `max_batch` prompts together on `engine` (made by ``Engine.batch()``, which
+    holds the engine for its lifetime). ``add`` a prompt under a key (checked as ``stream``
+    checks it: ValueError / ContextError), then ``step`` until ``running`` is 0; each step returns
+    (key, event) pairs: StepEvent, BlockEvent, GenerationResult (the sequence is done), or
+    SequenceFailed. ``last_step`` describes the step's pass."""
+
+    def __init__(self, engine, max_batch: int):
+        self.engine = engine
+        self._model = _SequenceCaches(engine)
+        self._decoder = BatchDecoder(self._model, max_batch)
+        self._started: dict[Hashable, float] = {}
+
+    @property
+    def running(self) -> int:
+        return self._decoder.running
+
+    @property
+    def max_batch(self) -> int:
+        return self._decoder.max_batch
+
+    def has_room(self) -> bool:
+        return self._decoder.has_room()
+
+    @property
+    def last_step(self) -> BatchStep | None:
+        return self._model.last
+
+    def add(self, key: Hashable, prompt: str | Sequence[int], *, stop_ids: Sequence[int] | None = None,
+            cancel=None, **options) -> None:
+        """Queue `prompt` (a string or token ids) to join at the next step; the decoding keywords
+        are `generate`'s. RuntimeError when the batch is full."""
+        eng = self.engine
+        ids = eng._ids(prompt)
+        opts = eng.decode_options(**options)
+        eng.check_context(len(ids), opts.max_new_tokens)
+        stops = [eng.eos_id] if stop_ids is None else list(stop_ids)
+        self._decoder.add(key, ids, opts, mask_id=eng.mask_id, stop_ids=stops, cancel=cancel)
+        self._started[key] = time.perf_counter()
+
+    def step(self) -> list[tuple[Hashable, object]]:
+        events = []
+        for key, event in self._decoder.step():
+            if isinstance(event, DecodeResult):
+                event = self._result(key, event)
+            elif isinstance(event, SequenceFailed):
+                for counts in (self._started, self._model.passes, self._model.rows):
+                    counts.pop(key, None)
+            events.append((key, event))
+        return events
+
+    def _result(self, key, result: DecodeResult) -> GenerationResult:
+        m = self._model
+        stats = GenerationStats(**vars(result.stats), wall_seconds=time.perf_counter() - self._started.pop(key),
+                                forwards=m.passes.pop(key), forwarded_tokens=m.rows.pop(key), kv_cache=True,
+                                device=self.engine.device)
+        return GenerationResult(result.tokens, self.engine.tokenizer.decode(result.tokens), stats)
+
+    def close(self) -> None:
+        self._decoder.close()
