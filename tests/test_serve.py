@@ -50,8 +50,22 @@ def until(condition, timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+class GatedBatch:
+    """A batch whose every step waits at the gate."""
+
+    def __init__(self, batch, gate: threading.Event):
+        self._batch, self._gate = batch, gate
+
+    def __getattr__(self, name):
+        return getattr(self._batch, name)
+
+    def step(self):
+        self._gate.wait()
+        return self._batch.step()
+
+
 class GatedEngine:
-    """The engine, with a gate before each decode's first event: open unless a test closes it."""
+    """The engine, with a gate before each decoding step: open unless a test closes it."""
 
     def __init__(self, engine):
         self._engine = engine
@@ -61,14 +75,10 @@ class GatedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def stream(self, *args, **kwargs):
-        events = self._engine.stream(*args, **kwargs)
-
-        def gated():
-            self.gate.wait()
-            yield from events
-
-        return gated()
+    @contextlib.contextmanager
+    def batch(self, *args, **kwargs):
+        with self._engine.batch(*args, **kwargs) as batch:
+            yield GatedBatch(batch, self.gate)
 
 
 @contextlib.contextmanager
@@ -346,7 +356,7 @@ def test_a_full_queue_is_a_429(gated, gate):
         scheduler = small.scheduler
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(ask, small.url)
-            until(lambda: scheduler.running is not None)  # decoding, held at the gate
+            until(lambda: scheduler.running)  # decoding, held at the gate
             second = pool.submit(ask, small.url)
             until(lambda: scheduler.waiting == 1)
             refused = ask(small.url)
@@ -361,7 +371,7 @@ def test_a_full_queue_is_a_429(gated, gate):
 def test_a_waiting_client_that_leaves_gives_its_place_up(gated, gate):
     with serving(gated, max_queue=1) as small, ThreadPoolExecutor(2) as pool:
         first = pool.submit(ask, small.url)
-        until(lambda: small.scheduler.running is not None)
+        until(lambda: small.scheduler.running)
         with leaving_client(small.port):
             until(lambda: small.scheduler.waiting == 1)
         until(lambda: small.scheduler.waiting == 0)  # its client left
@@ -377,7 +387,7 @@ def test_a_waiting_client_that_leaves_gives_its_place_up(gated, gate):
 def test_stopping_cancels_the_running_request_and_refuses_the_waiting(gated, gate):
     with serving(gated, max_queue=4) as srv, ThreadPoolExecutor(2) as pool:
         running = pool.submit(ask, srv.url, 40)
-        until(lambda: srv.scheduler.running is not None)
+        until(lambda: srv.scheduler.running)
         waiting = pool.submit(ask, srv.url, 40)
         until(lambda: srv.scheduler.waiting == 1)
         srv.server.should_exit = True  # what Ctrl+C and SIGTERM do
@@ -405,8 +415,8 @@ def test_a_stream_closed_after_its_first_chunk_cancels_its_decode(gate, server, 
                        json={"messages": USER, "max_tokens": 200, "stream": True}) as response:
         lines = response.iter_lines()  # kept: dropping the iterator closes the connection
         assert json.loads(next(lines)[len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
-        until(lambda: server.scheduler.running is not None)
-        job = server.scheduler.running
+        until(lambda: server.scheduler.running)
+        job = server.scheduler.running_jobs()[0]
     # the stream and its own connection are closed, the decode held at the gate
     assert_cancelled_by_disconnect(server, job, gate, before)
     reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=N)  # the worker is free
@@ -417,8 +427,8 @@ def test_a_client_gone_before_the_answer_cancels_its_decode(gate, server):
     before = server.metrics.generations["cancelled"]
     gone = server.metrics.requests["/v1/chat/completions", 499]
     with leaving_client(server.port, KEY):
-        until(lambda: server.scheduler.running is not None)
-        job = server.scheduler.running
+        until(lambda: server.scheduler.running)
+        job = server.scheduler.running_jobs()[0]
     assert_cancelled_by_disconnect(server, job, gate, before)
     until(lambda: server.metrics.requests["/v1/chat/completions", 499] == gone + 1)  # counted as nginx does
 
@@ -451,7 +461,7 @@ def test_offload_counters_with_a_device(tiny_model):
             assert f"tide_offload_{name}_total {offload[name]}" in text
 
 
-def test_load_40_requests_8_at_a_time(client, engine):
+def load_40_requests_8_at_a_time(client, engine):
     requests = [{"messages": [{"role": "user", "content": f"request {i}"}], "max_tokens": N + 8 * (i % 3),
                  **({"temperature": 0.8, "seed": i} if i % 2 else {})} for i in range(40)]
     solo = [engine.chat(r["messages"], max_new_tokens=r["max_tokens"], temperature=r.get("temperature"),
@@ -460,6 +470,25 @@ def test_load_40_requests_8_at_a_time(client, engine):
         replies = list(pool.map(lambda r: client.chat.completions.create(model=MODEL, **r), requests))
     assert [r.choices[0].message.content for r in replies] == solo  # none lost, failed or mixed
     assert [r.usage.completion_tokens for r in replies] == [r["max_tokens"] for r in requests]
+
+
+def test_load_40_requests_8_at_a_time(client, engine):
+    load_40_requests_8_at_a_time(client, engine)
+
+
+def test_batched_requests_decode_together_and_answer_as_alone(tiny_model, engine):
+    with tide_local.load(tiny_model, device="cpu", threads=1, max_batch=4) as batched, \
+            serving(batched, max_queue=64) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=60)
+        load_40_requests_8_at_a_time(client, engine)  # answers equal the unbatched engine's
+        assert srv.scheduler.wait_idle(30)
+        text = httpx.get(f"{srv.url}/metrics").text
+    counted = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    steps = counted["tide_step_seconds_count"]
+    assert steps == counted["tide_batch_size_count"] > 0
+    assert counted['tide_batch_size_bucket{le="1"}'] < steps  # forwards carried several requests
+    assert counted["tide_batch_size_sum"] / steps > 1.5 and counted['tide_batch_size_bucket{le="4"}'] == steps
+    assert counted["tide_rows_per_expert"] > 0 and counted["tide_forwarded_rows_total"] >= 32 * steps
 
 
 # -- the command and the example -------------------------------------------------------------
@@ -479,6 +508,7 @@ def test_the_example_client_runs_against_the_server(server, capsys):
     (["-m", "missing.gguf"], "no such file: missing.gguf"),
     (["--demo", "--port", "70000"], "--port must be between 0 and 65535"),
     (["--demo", "--max-queue", "0"], "--max-queue must be between 1"),
+    (["--demo", "--max-batch", "0"], "--max-batch must be between 1 and 256"),
     (["--demo", "--api-key", " "], "--api-key is empty"),
     (["--demo", "--temperature", "-1"], "--temperature must be >= 0"),
     (["-m", "missing.gguf", "--threads", "0"], "--threads must be between 1 and"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -27,20 +27,63 @@ from tide_local.diffusion import DecodeResult, PassInfo
 from tide_local.diffusion.batch import BatchDecoder, BatchPart, SequenceFailed
 from tide_local.engine import prefill_chunk
 from tide_local.model.forward import KVCache, Span
-from tide_local.results import GenerationResult, GenerationStats
+from tide_local.results import GenerationResult, GenerationStats, LayerOffload, OffloadStats
 
 __all__ = ["EngineBatch", "BatchStep", "SequenceFailed"]
 
 
 @dataclass(frozen=True)
 class BatchStep:
-    """One batched pass: its wall time, the sequences and rows it forwarded, and the MoE's mean
-    rows per expert (routed assignments per distinct expert, over the MoE layers)."""
+    """One batched pass: its wall time, the sequences and rows it forwarded, the MoE's mean
+    rows per expert (routed assignments per distinct expert, over the MoE layers) and, with a
+    device, its expert offload summed over the layers (None on the CPU)."""
 
     seconds: float
     sequences: int
     rows: int
     rows_per_expert: float
+    offload: LayerOffload | None = None
+
+
+def _combine(a: LayerOffload, b: LayerOffload, sign: int = 1) -> LayerOffload:
+    return LayerOffload(**{k: getattr(a, k) + sign * getattr(b, k) for k in vars(a)})
+
+
+@dataclass
+class _OffloadShare:
+    """Offload counts per MoE layer and seconds: a snapshot of the executor's, a pass's
+    difference, or a sequence's sum over the passes it took part in."""
+
+    layers: dict[int, LayerOffload] = field(default_factory=dict)
+    upload_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, offload) -> "_OffloadShare | None":
+        if offload is None:
+            return None
+        s = offload.stats
+        return cls(dict(s.layers), s.upload_seconds, s.cpu_seconds, s.wait_seconds)
+
+    def minus(self, earlier: "_OffloadShare") -> "_OffloadShare":
+        zero = LayerOffload()
+        return _OffloadShare({layer: _combine(c, earlier.layers.get(layer, zero), -1) for layer, c in self.layers.items()},
+                             self.upload_seconds - earlier.upload_seconds, self.cpu_seconds - earlier.cpu_seconds,
+                             self.wait_seconds - earlier.wait_seconds)
+
+    def add(self, other: "_OffloadShare") -> None:
+        for layer, counts in other.layers.items():
+            self.layers[layer] = _combine(self.layers.get(layer, LayerOffload()), counts)
+        self.upload_seconds += other.upload_seconds
+        self.cpu_seconds += other.cpu_seconds
+        self.wait_seconds += other.wait_seconds
+
+    def total(self) -> LayerOffload:
+        out = LayerOffload()
+        for counts in self.layers.values():
+            out = _combine(out, counts)
+        return out
 
 
 class _SequenceCaches:
@@ -52,12 +95,14 @@ class _SequenceCaches:
         self.caches: dict[Hashable, KVCache] = {}
         self.passes: dict[Hashable, int] = {}  # per sequence: passes and rows it took part in
         self.rows: dict[Hashable, int] = {}
+        self.offload: dict[Hashable, _OffloadShare] = {}  # per sequence: its passes' offload counts
         self.batch_passes = 0  # passes of several sequences (the offload's clock for them)
         self.last: BatchStep | None = None
 
     def open_sequence(self, key, n_positions: int) -> None:
         self.caches[key] = self.model.new_cache(n_positions)
         self.passes[key] = self.rows[key] = 0
+        self.offload[key] = _OffloadShare()
 
     def close_sequence(self, key) -> None:
         self.model.release_cache(self.caches.pop(key))
@@ -66,7 +111,7 @@ class _SequenceCaches:
         return prefill_chunk(self.model.config, n_tokens, self.block_length)
 
     def forward(self, parts: list[BatchPart]) -> list[np.ndarray | None]:
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), _OffloadShare.of(self.engine.offload)
         spans, rows, offset = [], [], 0
         for part in parts:
             spans.append(Span(self.caches[part.key], part.start, len(part.tokens)))
@@ -84,7 +129,13 @@ class _SequenceCaches:
             else:
                 out.append(logits[at:at + len(part.rows)])
                 at += len(part.rows)
-        self.last = BatchStep(time.perf_counter() - t0, len(parts), offset, self._rows_per_expert())
+        total = None
+        if before is not None:
+            delta = _OffloadShare.of(self.engine.offload).minus(before)
+            for part in parts:
+                self.offload[part.key].add(delta)
+            total = delta.total()
+        self.last = BatchStep(time.perf_counter() - t0, len(parts), offset, self._rows_per_expert(), total)
         return out
 
     def _info(self, parts: list[BatchPart]) -> PassInfo:
@@ -148,16 +199,21 @@ class EngineBatch:
             if isinstance(event, DecodeResult):
                 event = self._result(key, event)
             elif isinstance(event, SequenceFailed):
-                for counts in (self._started, self._model.passes, self._model.rows):
+                for counts in (self._started, self._model.passes, self._model.rows, self._model.offload):
                     counts.pop(key, None)
             events.append((key, event))
         return events
 
     def _result(self, key, result: DecodeResult) -> GenerationResult:
-        m = self._model
+        m, eng = self._model, self.engine
+        share, offload = m.offload.pop(key), None
+        if eng.offload is not None:  # the counts of the passes it took part in, shared with the others in them
+            offload = OffloadStats(policy=eng.offload.policy.name, tau=eng.tau, tau_source=eng.tau_source,
+                                   per_layer=share.layers, per_step=[], upload_seconds=share.upload_seconds,
+                                   cpu_expert_seconds=share.cpu_seconds, wait_seconds=share.wait_seconds)
         stats = GenerationStats(**vars(result.stats), wall_seconds=time.perf_counter() - self._started.pop(key),
                                 forwards=m.passes.pop(key), forwarded_tokens=m.rows.pop(key), kv_cache=True,
-                                device=self.engine.device)
+                                device=eng.device, offload=offload)
         return GenerationResult(result.tokens, self.engine.tokenizer.decode(result.tokens), stats)
 
     def close(self) -> None:

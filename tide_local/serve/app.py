@@ -69,13 +69,15 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 
 
 def create_app(engine, *, model_name: str, defaults: dict | None = None, api_key: str | None = None,
-               max_queue: int = 16, max_body: int = MAX_BODY_BYTES) -> FastAPI:
+               max_queue: int = 16, max_batch: int | None = None, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     """The app serving `engine` as `model_name`. defaults: decoding options for requests that do
-    not set them (the command line's; None values: the model's). The scheduler's worker starts
+    not set them (the command line's; None values: the model's). max_batch: requests decoded
+    together (default: the engine's max_batch, what it was loaded for). The scheduler's worker starts
     and stops with the app's lifespan; ``app.state.scheduler`` and ``app.state.metrics`` are
     there for the server and tests."""
     metrics = Metrics()
-    scheduler = Scheduler(engine, max_queue=max_queue, on_result=metrics.generation)
+    scheduler = Scheduler(engine, max_queue=max_queue, max_batch=max_batch or engine.max_batch,
+                          on_result=metrics.generation, on_step=metrics.step)
     defaults = {name: value for name, value in (defaults or {}).items() if value is not None}
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "tide-local"}
 
@@ -138,7 +140,7 @@ def create_app(engine, *, model_name: str, defaults: dict | None = None, api_key
 
     @app.get("/metrics", dependencies=auth)
     async def metrics_text() -> PlainTextResponse:
-        text = metrics.render(waiting=scheduler.waiting, running=int(scheduler.running is not None),
+        text = metrics.render(waiting=scheduler.waiting, running=scheduler.running,
                               device=engine.offload is not None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 

@@ -13,6 +13,8 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 16
 MAX_QUEUE = 1 << 16
+DEFAULT_MAX_BATCH = 4
+MAX_BATCH = 256
 API_KEY_ENV = "TIDE_API_KEY"
 
 DESCRIPTION = """\
@@ -21,8 +23,10 @@ clients, editors and scripts use it unchanged: /v1/chat/completions (through the
 template), /v1/completions, /v1/models, plus /health and /metrics (Prometheus). Answers stream
 as Server-Sent Events, one event per finished block of 32 tokens.
 
-Requests are decoded one at a time, in arrival order; up to --max-queue wait, more are refused
-with 429. The decoding options below are the defaults of every request; a request's own fields
+Up to --max-batch requests are decoded together, in arrival order: each step is one forward
+over all of their active blocks (more rows per expert: the kernels and the GPU's expert slots
+pay off), and each answer is the one it would get alone. Up to --max-queue more wait; past that
+they are refused with 429. The decoding options below are the defaults of every request; a request's own fields
 (max_tokens, temperature, top_p, seed, and tide's threshold, steps, top_k) override them."""
 
 EPILOG = f"""\
@@ -31,12 +35,13 @@ examples:
   tide serve --demo --port 0                          # any free port; the URL is printed
   tide serve -m mini.gguf --gpu-memory 6GiB --api-key secret
   tide serve -m mini.gguf --host 0.0.0.0 --model-name llada2-mini --max-queue 64
+  tide serve -m mini.gguf --max-batch 8               # 8 requests per forward
 
   curl http://127.0.0.1:{DEFAULT_PORT}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"messages": [{{"role": "user", "content": "What is 123 + 456?"}}]}}'
 
 The key may come from ${API_KEY_ENV} instead of --api-key. Ctrl+C or SIGTERM stops the server:
-the running request ends at its next step, waiting ones get 503.
+the running requests end at their next step, waiting ones get 503.
 """
 
 
@@ -59,7 +64,10 @@ def build_parser(prog: str = "tide serve") -> argparse.ArgumentParser:
     net.add_argument("--api-key", metavar="KEY",
                      help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; neither: no key asked)")
     net.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
-                     help=f"requests that may wait while one decodes; more get 429 (default: {DEFAULT_MAX_QUEUE})")
+                     help=f"requests that may wait while others decode; more get 429 (default: {DEFAULT_MAX_QUEUE})")
+    net.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                     help="requests decoded together, one forward per step for all (default: "
+                          f"{DEFAULT_MAX_BATCH}; with a GPU, each takes a KV cache of --ctx in its memory plan)")
 
     dec = p.add_argument_group("decoding (every request's defaults)")
     add_decoding_arguments(dec, max_new_tokens=DEFAULT_MAX_TOKENS)
@@ -92,6 +100,7 @@ def _check(args) -> tuple[dict, str, str | None]:
     options = _check_options(args)
     check_range(args.port, "--port", 0, 65535)
     check_range(args.max_queue, "--max-queue", 1, MAX_QUEUE)
+    check_range(args.max_batch, "--max-batch", 1, MAX_BATCH)
     if args.model_name is not None and not args.model_name.strip():
         raise UsageError("--model-name is empty")
     api_key = _api_key(args)
@@ -137,7 +146,7 @@ def _load(args, path: str, prog: str):
     from tide_local.generate_cli import load_options, unused_offload_warning
 
     try:
-        engine = tide_local.load(path, **load_options(args))
+        engine = tide_local.load(path, **load_options(args), max_batch=args.max_batch)
     except ValueError as err:  # e.g. an unreadable --gpu-memory
         raise UsageError(str(err)) from None
     warning = unused_offload_warning(engine, args)

@@ -1,14 +1,12 @@
-"""The decodes' queue and the one worker thread that owns the engine.
+"""The decodes' queue and the one worker thread that owns the engine and decodes them together.
 
-The engine decodes one sequence at a time (a second call waits for the first), so requests do
-not call it: each becomes a :class:`Job` that waits in a bounded queue; the worker takes the
-oldest, runs ``engine.stream`` on it and sends its finished blocks and its result to the
-request's asyncio loop through the job's :class:`Channel`. A request that goes away cancels its
-job, which then ends at its next step (or is skipped if it has not started).
-
-``Scheduler._run`` is the seam for batched decoding: today it takes one job; a batched decoder
-will take the waiting jobs that fit and decode their blocks together, sending each job's events
-to its own channel the same way."""
+Requests do not call the engine: each becomes a :class:`Job` that waits in a bounded queue. The
+worker keeps an ``engine.batch()`` open while there is work: before every step it admits the
+oldest waiting jobs while the batch has room (up to ``--max-batch`` sequences), then runs one
+step — one forward over every running sequence — and sends each job its finished blocks and its
+result through the job's :class:`Channel`, to the request's asyncio loop. A request that goes
+away cancels its job, which then ends at its next step (or is skipped if it has not started).
+Each job's tokens are those of its solo decode (see tide_local.batching)."""
 
 from __future__ import annotations
 
@@ -19,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
+from tide_local.batching import BatchStep, SequenceFailed
 from tide_local.diffusion import BlockEvent, DecodeOptions
 from tide_local.results import GenerationResult
 
@@ -85,18 +84,22 @@ class Job:
 
 
 class Scheduler:
-    """Decodes submitted jobs one at a time, oldest first, in one worker thread.
+    """Decodes submitted jobs together, up to `max_batch` at a time, oldest first, in one worker thread.
 
-    max_queue: jobs that may wait besides the one decoding; `submit` raises QueueFull past it.
-    on_result: called in the worker with each GenerationResult (the metrics)."""
+    max_queue: jobs that may wait besides the running ones; `submit` raises QueueFull past it.
+    on_result: called in the worker with each GenerationResult; on_step with each step's
+    BatchStep (the metrics)."""
 
-    def __init__(self, engine, *, max_queue: int, on_result: Callable[[GenerationResult], None] | None = None):
+    def __init__(self, engine, *, max_queue: int, max_batch: int = 1,
+                 on_result: Callable[[GenerationResult], None] | None = None,
+                 on_step: Callable[[BatchStep], None] | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
-        self.engine, self.max_queue, self._on_result = engine, max_queue, on_result
+        self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
+        self._on_result, self._on_step = on_result, on_step
         self._waiting: collections.deque[Job] = collections.deque()
         self._state = threading.Condition()
-        self.running: Job | None = None
+        self._running: dict[int, Job] = {}
         self.closed = False
         self._worker = threading.Thread(target=self._work, name="tide-serve-decoder", daemon=True)
 
@@ -106,8 +109,17 @@ class Scheduler:
         with self._state:
             return sum(not job.cancelled.is_set() for job in self._waiting)
 
+    @property
+    def running(self) -> int:
+        """Jobs being decoded now."""
+        return len(self._running)
+
+    def running_jobs(self) -> list[Job]:
+        with self._state:
+            return list(self._running.values())
+
     def idle(self) -> bool:
-        return self.running is None and not self._waiting
+        return not self._running and not self._waiting
 
     def start(self) -> None:
         self._worker.start()
@@ -132,14 +144,14 @@ class Scheduler:
             return self._state.wait_for(self.idle, timeout)
 
     def close(self) -> None:
-        """Take no more jobs: the waiting ones fail with ShuttingDown, the running one is cancelled
-        at its next step, then the worker ends. Idempotent, from any thread."""
+        """Take no more jobs: the waiting ones fail with ShuttingDown, the running ones are
+        cancelled at their next step, then the worker ends. Idempotent, from any thread."""
         with self._state:
             self.closed = True
             rejected = list(self._waiting)
             self._waiting.clear()
-            if self.running is not None:
-                self.running.cancel("shutdown")
+            for job in self._running.values():
+                job.cancel("shutdown")
             self._state.notify_all()
         for job in rejected:
             job.channel.put(ShuttingDown())
@@ -159,27 +171,55 @@ class Scheduler:
                 self._state.wait_for(lambda: self._waiting or self.closed)
                 if not self._waiting:
                     return  # closed
-                job = self.running = self._waiting.popleft()
             try:
-                self._run(job)
+                with self.engine.batch(self.max_batch) as batch:  # open while there is work
+                    while self._admit(batch) or batch.running:
+                        self._step(batch)
+            except Exception as err:  # the engine failed (requests were checked before): a 500 each; the worker goes on
+                log.exception("decoding failed")
+                self._fail_running(err)
             finally:
                 with self._state:
-                    self.running = None
                     self._state.notify_all()
 
-    def _run(self, job: Job) -> None:
-        """Decode one job, forwarding its blocks and result (a batched decoder goes here)."""
-        if job.cancelled.is_set():  # its client left while it waited
-            job.channel.put(Dropped())
-            return
-        try:
-            events = self.engine.stream(job.prompt, stop_ids=job.stop_ids, cancel=job.cancelled,
-                                        **asdict(job.options))
-            for event in events:
-                if isinstance(event, GenerationResult) and self._on_result is not None:
+    def _admit(self, batch) -> bool:
+        """Move the oldest waiting jobs into the batch while it has room; whether any runs now."""
+        while batch.has_room():
+            with self._state:
+                if not self._waiting:
+                    break
+                job = self._waiting.popleft()
+                if job.cancelled.is_set():  # its client left while it waited
+                    job.channel.put(Dropped())
+                    continue
+                self._running[id(job)] = job
+            try:
+                batch.add(id(job), job.prompt, stop_ids=job.stop_ids, cancel=job.cancelled, **asdict(job.options))
+            except Exception as err:  # checked when the request came: only a changed engine gets here
+                self._finish(job, err)
+        return bool(self._running)
+
+    def _step(self, batch) -> None:
+        for key, event in batch.step():
+            job = self._running[key]
+            if isinstance(event, GenerationResult):
+                if self._on_result is not None:
                     self._on_result(event)
-                if isinstance(event, (BlockEvent, GenerationResult)):  # steps stay here: nobody reads them
-                    job.channel.put(event)
-        except Exception as err:  # the engine failed (the request was checked before): a 500; the worker goes on
-            log.exception("decoding failed")
-            job.channel.put(err)
+                self._finish(job, event)
+            elif isinstance(event, SequenceFailed):
+                log.error("decoding failed", exc_info=event.error)
+                self._finish(job, event.error)
+            elif isinstance(event, BlockEvent):  # steps stay here: nobody reads them
+                job.channel.put(event)
+        if batch.last_step is not None and self._on_step is not None:
+            self._on_step(batch.last_step)
+
+    def _finish(self, job: Job, last: object) -> None:
+        job.channel.put(last)
+        with self._state:
+            self._running.pop(id(job), None)
+            self._state.notify_all()
+
+    def _fail_running(self, err: Exception) -> None:
+        for job in list(self._running.values()):
+            self._finish(job, err)
