@@ -120,6 +120,37 @@ def test_every_policy_matches_the_cpu_engine(model_path, cpu_run, policy):
         assert _rel(g, w) < TOL, (policy, s, e, _rel(g, w))
 
 
+# a batched pass: (tokens already in the sequence's cache, tokens of this pass)
+BATCH = [(32, 32), (64, 8), (0, 17)]
+
+
+def _batched_pass(eng) -> np.ndarray:
+    """Three sequences' caches prefilled alone, then one pass over all three (tide_local.batching)."""
+    m, spans, tokens = eng.model, [], []
+    for cached, n in BATCH:
+        cache = m.new_cache(128)
+        if cached:
+            m.forward_spans([forward_module.Span(cache, 0, cached)], IDS[:cached])
+        spans.append(forward_module.Span(cache, cached, n))
+        tokens += IDS[cached:cached + n]
+    return m.forward_spans(spans, tokens, np.arange(len(tokens)))
+
+
+@needs_device
+@pytest.mark.parametrize("policy", ["resident", "tide"])
+def test_a_batched_pass_matches_the_cpu_engine(model_path, policy):
+    """Several sequences in one pass on the device (per-sequence caches, row views, the concat of
+    their attention) against the same pass on the CPU, whose rows equal their solo passes."""
+    routing: list = []
+    with tide_local.load(model_path, device="cpu", threads=2, n_ctx=N_CTX) as eng, _routing(record=routing):
+        want = _batched_pass(eng)
+    with tide_local.load(model_path, device=DEVICE.name, policy=policy, expert_slots=SLOTS[policy],
+                         n_ctx=N_CTX, threads=2, max_batch=3) as eng, _routing(replay=routing):
+        got = _batched_pass(eng)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert _rel(got, want) < TOL, _rel(got, want)
+
+
 @needs_device
 @pytest.mark.parametrize("kv_cache", [True, False])
 def test_generation_runs_on_the_device(model_path, kv_cache):
@@ -129,6 +160,7 @@ def test_generation_runs_on_the_device(model_path, kv_cache):
                          n_ctx=N_CTX, threads=2) as eng:
         res = eng.generate(IDS[:10], kv_cache=kv_cache, **opts)
         s, vocab = res.stats.offload, eng.config.vocab_size
+        assert eng.cpu_backend.n_threads == 2  # a real device computes on its own: the misses get every core
     assert 0 < len(res.tokens) <= 12 and all(0 <= t < vocab for t in res.tokens)
     assert s.hits > 0 and s.misses > 0
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +15,8 @@ from tide_local.converters.testmodel import make_checkpoint
 from tide_local.experts.memory import BudgetError, budget_for_slots, parse_memory, plan_memory
 from tide_local.experts.policies import LayerSlots, LRUPolicy, TidePolicy, _top_by_count
 from tide_local.modelfile import ModelFile
+
+ROOT = Path(__file__).resolve().parent.parent
 
 N_CTX = 512
 PROMPT = [int(i) for i in np.random.default_rng(3).integers(0, 640, size=40)]
@@ -183,6 +189,15 @@ def test_generate_offload_cli_stats_and_trace(model_path, tmp_path, capsys):
     assert "expert slots per MoE layer" in err
     t = RoutingTrace.load(trace, n_experts=16, moe_layers=[1, 2, 3])
     assert t.passes and all(p["layers"][1].shape == (p["tokens"], 4) for p in t.passes)
+    # the per-layer timeline: every MoE layer of every pass, misses with their CPU run and wait
+    assert {(s["pass"], s["layer"]) for s in t.timeline} == {(n, layer) for n in range(1, len(t.passes) + 1)
+                                                            for layer in (1, 2, 3)}
+    assert any("cpu" in s and "wait" in s and "device" in s for s in t.timeline)
+    assert all(s["cpu"][0] < s["cpu"][1] <= s["wait"][1] for s in t.timeline if "cpu" in s)
+    png = tmp_path / "timeline.png"
+    plot = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_timeline.py"), str(trace), "-o", str(png)],
+                          capture_output=True, text=True)
+    assert plot.returncode == 0 and png.stat().st_size > 1000 and "cpu_beside_device" in plot.stdout, plot.stderr
     # static placement from the trace's popular experts gives the same tokens
     assert tide(args[:-2] + ["--json", "--policy", "static", "--static-from", str(trace), "--gpu-memory", "26MiB"]) == 0
 

@@ -488,7 +488,7 @@ def test_batched_requests_decode_together_and_answer_as_alone(tiny_model, engine
     assert steps == counted["tide_batch_size_count"] > 0
     assert counted['tide_batch_size_bucket{le="1"}'] < steps  # forwards carried several requests
     assert counted["tide_batch_size_sum"] / steps > 1.5 and counted['tide_batch_size_bucket{le="4"}'] == steps
-    assert counted["tide_rows_per_expert"] > 0 and counted["tide_forwarded_rows_total"] >= 32 * steps
+    assert counted["tide_rows_per_expert_sum"] / steps >= 1 and counted["tide_forwarded_rows_total"] >= 32 * steps
 
 
 # -- the command and the example -------------------------------------------------------------

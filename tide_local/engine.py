@@ -176,7 +176,8 @@ class Engine:
         threads = threads or os.cpu_count() or 1
         self.n_ctx = min(self.config.context_length, n_ctx or DEFAULT_CONTEXT)
         device_backend, self.device = _resolve_device(device, threads)
-        self.cpu_backend = ggml.Backend.cpu(threads if device_backend is None else max(1, threads - threads // 2))
+        # the CPU share gets every core, except beside the emulated device, which computes on half of them
+        self.cpu_backend = ggml.Backend.cpu(max(1, threads - threads // 2) if self.device == "emulated" else threads)
         self.plan: MemoryPlan | None = None
         self.policy = "cpu-only" if device_backend is None else policy
         self.tau = self.tau_source = None
@@ -434,11 +435,16 @@ class Engine:
         cfg = self.config
         trace = RoutingTrace(self.file.path.name, cfg.n_experts, cfg.n_experts_used, list(cfg.moe_layers))
         self.model.observe_routing(trace)
+        if self.offload is not None:  # with a device, the per-layer timeline of uploads, device and CPU too
+            self.offload.record_timeline()
         return trace
 
     def stop_trace(self) -> RoutingTrace | None:
         trace = self.model.routing_observer
         self.model.observe_routing(None)
+        if self.offload is not None and trace is not None:
+            trace.timeline = self.offload.timeline_seconds()
+            self.offload.record_timeline(False)
         return trace
 
     def close(self) -> None:

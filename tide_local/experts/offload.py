@@ -15,6 +15,7 @@ the sum an all-resident run computes: every policy gives the same tokens.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class Placement:
     # a device-only policy's further rounds: (uploads, device_ids, device_weights, computed mask),
     # each run after the one before, its weights zero where another round (or the CPU) owns it
     rounds: list = field(default_factory=list)
+    uploads: list = field(default_factory=list)  # (slot, expert) pairs the first round needs, made after the misses start
 
     def first_round_mask(self) -> np.ndarray:
         """bool [T, K]: the assignments the first device round computes."""
@@ -176,6 +178,8 @@ class HybridExperts:
         self.step_log: list[dict] = []  # per pass: what it was for, and per layer (hits, misses, uploads)
         self.pass_info = PassInfo.plain()
         self.clock = 0  # passes so far (LRU's recency)
+        self.timeline: list[dict] | None = None  # per (pass, layer) phase times, while recorded
+        self._timeline_origin = 0.0
         for layer, slots in self.slots.items():
             self.upload(layer, policy.initial(layer, slots), count=False)
 
@@ -213,7 +217,6 @@ class HybridExperts:
         info = self.pass_info
         refresh = refresh_layer(self.policy, self.slots[layer], routing.experts, info.step, self.clock,
                                 refresh=info.refreshes)
-        self.upload(layer, refresh.uploads)  # the first round's; later rounds upload as they run
         hit = refresh.hit
         miss_t, miss_k = np.nonzero(~hit)
         hits, misses, uploads = refresh.tally()
@@ -224,6 +227,7 @@ class HybridExperts:
         if rounds:  # the CPU runs only what no round computes
             miss_t, miss_k = np.nonzero(~hit & np.logical_and.reduce([ids < 0 for _, ids in refresh.rounds]))
         return Placement(
+            uploads=refresh.uploads,  # the first round's; later rounds upload as they run
             device_ids=distinct_slots(refresh.slot_ids, hit),
             device_weights=np.where(hit, routing.weights, 0.0).astype(np.float32),
             miss_tokens=miss_t,
@@ -231,11 +235,17 @@ class HybridExperts:
             rounds=rounds,
         )
 
-    def start_misses(self, layer: int, x: np.ndarray, routing: Routing, placement: Placement) -> Future:
+    def start_misses(self, layer: int, x: np.ndarray, routing: Routing, placement: Placement,
+                     span: dict | None = None) -> Future:
+        """Run the misses on the CPU in the worker thread (they never wait for the uploads);
+        `span`: a timeline entry that gets the job's ("cpu") start and end."""
         def job():
             t0 = time.perf_counter()
             y = self.cpu.run(layer, x, routing, placement)
-            self.stats.cpu_seconds += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.stats.cpu_seconds += t1 - t0
+            if span is not None:
+                span["cpu"] = (t0, t1)
             return y
 
         return self.worker.submit(job)
@@ -245,6 +255,25 @@ class HybridExperts:
         y = future.result()
         self.stats.wait_seconds += time.perf_counter() - t0
         return y
+
+    # -- the per-layer timeline (`tide generate --trace`) ---------------------------------------------
+    def record_timeline(self, on: bool = True) -> None:
+        """Record per pass and MoE layer when the uploads, the device's experts, the CPU's misses
+        and the wait for them ran (seconds from now); `timeline` holds the entries."""
+        self.timeline, self._timeline_origin = ([], time.perf_counter()) if on else (None, 0.0)
+
+    def _span(self, layer: int) -> dict | None:
+        if self.timeline is None:
+            return None
+        span = {"pass": self.stats.passes, "layer": layer}
+        self.timeline.append(span)
+        return span
+
+    def timeline_seconds(self) -> list[dict]:
+        """The timeline with (start, end) pairs in seconds since `record_timeline`."""
+        o = self._timeline_origin
+        return [{k: (round(v[0] - o, 6), round(v[1] - o, 6)) if isinstance(v, tuple) else v for k, v in span.items()}
+                for span in self.timeline or []]
 
     # -- the executor's side ------------------------------------------------------------------------
     def for_pass(self, ctx: ggml.Context, n_tokens: int, timer: PhaseTimer) -> "_HybridPass":
@@ -263,6 +292,15 @@ class HybridExperts:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+
+
+@contextmanager
+def _timed(span: dict | None, phase: str):
+    """Put the block's (start, end) into the timeline entry `span` (when one is recorded)."""
+    t0 = time.perf_counter()
+    yield
+    if span is not None:
+        span[phase] = (t0, time.perf_counter())
 
 
 class _HybridPass:
@@ -307,9 +345,14 @@ class _HybridPass:
     def run(self, layer: int, x, routing: Routing) -> None:
         executor = self.executor
         placement = executor.place(layer, routing)
-        future = executor.start_misses(layer, x.get(), routing, placement) if placement.n_misses else None
+        span = executor._span(layer)
+        # the misses start first: the CPU computes them while the refresh uploads and the device runs
+        future = executor.start_misses(layer, x.get(), routing, placement, span) if placement.n_misses else None
+        with _timed(span, "upload"):
+            executor.upload(layer, placement.uploads)
         if layer in self.hit_graphs and placement.n_hits:
-            self._device_round(layer, placement.device_ids, placement.device_weights)
+            with _timed(span, "device"):
+                self._device_round(layer, placement.device_ids, placement.device_weights)
         elif layer in self.hit_graphs and not self._y_device_zero:  # no hits: no device work, zeros
             self.y_device.set(np.zeros(self.y_device.shape, dtype=np.float32))
             self._y_device_zero = True
@@ -323,7 +366,8 @@ class _HybridPass:
             self._device_round(layer, ids, weights)
             previous = mask  # the last round's outputs stay in y_device
         if future is not None:
-            parts.append(executor.wait(future))
+            with _timed(span, "wait"):
+                parts.append(executor.wait(future))
             where.append(placement.miss_tokens * self.K + placement.miss_slots)
         self._gather(parts, where)
 

@@ -39,6 +39,9 @@ class RoutingTrace:
     def __init__(self, model_name: str, n_experts: int, n_used: int, moe_layers: list[int]):
         self.model_name, self.n_experts, self.n_used, self.moe_layers = model_name, n_experts, n_used, list(moe_layers)
         self.passes: list[dict] = []
+        # with a device: per pass and MoE layer, when the uploads, device, CPU misses and the wait
+        # for them ran (HybridExperts.timeline_seconds); plotted by benchmarks/plot_timeline.py
+        self.timeline: list[dict] | None = None
 
     def begin_pass(self, start: int, n_tokens: int, logits: bool, info) -> None:
         """`logits`: the pass yields logits, not only K/V; `info`: its PassInfo."""
@@ -62,6 +65,8 @@ class RoutingTrace:
             "n_experts_used": self.n_used, "moe_layers": self.moe_layers,
             "passes": [{**p, "layers": {str(k): v.tolist() for k, v in p["layers"].items()}} for p in self.passes],
         }
+        if self.timeline is not None:
+            data["timeline"] = self.timeline
         write_json_atomically(path, data, indent=None)  # a cut-short save never replaces a good trace
 
     @classmethod
@@ -78,12 +83,14 @@ class RoutingTrace:
                          "logits": bool(p["logits"]),
                          "layers": {int(k): np.asarray(v, dtype=np.int32) for k, v in p["layers"].items()}}
                 if version >= 2:
-                    if p["kind"] not in ("prefill", "step", "commit", "forward"):
+                    if p["kind"] not in ("prefill", "step", "commit", "forward", "batch"):
                         raise ValueError(f"unknown pass kind {p['kind']!r}")
                     entry.update(kind=p["kind"], block=int(p["block"]))
                 trace.passes.append(entry)
             if version == 1:
                 _infer_kinds(trace.passes)
+            if isinstance(data.get("timeline"), list):
+                trace.timeline = data["timeline"]
         except FileNotFoundError:
             raise TraceError(f"{path}: no such trace file") from None
         except (OSError, ValueError, KeyError, TypeError) as err:

@@ -16,6 +16,7 @@ from tide_local.results import GenerationResult
 DECODE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, math.inf)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, math.inf)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, math.inf)
 
 
 class Histogram:
@@ -60,7 +61,7 @@ class Metrics:
         self.decode = Histogram(DECODE_BUCKETS)
         self.step_seconds = Histogram(STEP_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
-        self.rows_per_expert = 0.0  # the last step's
+        self.rows_per_expert = Histogram(ROWS_BUCKETS)
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -79,7 +80,7 @@ class Metrics:
         with self._lock:
             self.step_seconds.observe(step.seconds)
             self.batch_size.observe(step.sequences)
-            self.rows_per_expert = step.rows_per_expert
+            self.rows_per_expert.observe(step.rows_per_expert)
             self.totals.update(forwarded_rows=step.rows)
             if step.offload is not None:
                 o = step.offload
@@ -111,8 +112,8 @@ class Metrics:
                                      "time decoding one request (prefill included, queue excluded)")
             out += self.step_seconds.lines("tide_step_seconds", "time of one batched forward of all running requests")
             out += self.batch_size.lines("tide_batch_size", "requests in one batched forward")
-            metric("tide_rows_per_expert", "gauge", "the last forward's routed rows per distinct expert (MoE mean)",
-                   [({}, self.rows_per_expert)])
+            out += self.rows_per_expert.lines("tide_rows_per_expert",
+                                              "routed rows per distinct expert in one forward (mean over MoE layers)")
             if device:
                 for key, help in (("offload_hits", "routed token-slots computed by experts on the device"),
                                   ("offload_misses", "routed token-slots computed on the CPU"),
