@@ -7,12 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
+from gguf_copy import rewrite_gguf
 
 from tide_local.cli import main as tide
 from tide_local.converters.convert import convert
 from tide_local.converters.testmodel import make_checkpoint
 from tide_local.errors import GGUFError
-from tide_local.gguf import GGUFFile, GGUFStreamWriter
+from tide_local.gguf import GGUFFile
 from tide_local.modelfile import ModelFile
 
 
@@ -21,25 +22,6 @@ def model_path(tmp_path_factory):
     base = tmp_path_factory.mktemp("gguf")
     ckpt = make_checkpoint(base / "hf", preset="tiny", seed=3)
     return convert(ckpt, base / "tiny.gguf", "f16", progress=False) and base / "tiny.gguf"
-
-
-def _rewrite(src, dst, *, metadata=None, drop=()):
-    """Copy a GGUF, changing metadata and dropping tensors."""
-    with GGUFFile(src) as g:
-        md = dict(g.metadata)
-        md.update(metadata or {})
-        md.pop("general.alignment", None)
-        with GGUFStreamWriter(dst, alignment=g.alignment) as w:
-            for k, v in md.items():
-                w.add(k, v)
-            keep = [t for n, t in g.tensors.items() if n not in drop]
-            for t in keep:
-                w.add_tensor(t.name, t.ne, t.ggml_type)
-            w.begin_data()
-            for t in keep:
-                w.write(t.name, g.tensor_data(t.name))
-            w.finish()
-    return dst
 
 
 def test_valid_file_opens(model_path):
@@ -51,34 +33,19 @@ def test_valid_file_opens(model_path):
 
 
 def test_wrong_architecture(model_path, tmp_path):
-    bad = _rewrite(model_path, tmp_path / "a.gguf", metadata={"general.architecture": "llama"})
+    bad = rewrite_gguf(model_path, tmp_path / "a.gguf", metadata={"general.architecture": "llama"})
     with pytest.raises(GGUFError, match="architecture is 'llama'"):
         ModelFile(bad)
 
 
 def test_missing_tensor(model_path, tmp_path):
-    bad = _rewrite(model_path, tmp_path / "m.gguf", drop={"blk.2.ffn_up_exps.weight"})
+    bad = rewrite_gguf(model_path, tmp_path / "m.gguf", drop={"blk.2.ffn_up_exps.weight"})
     with pytest.raises(GGUFError, match="blk.2.ffn_up_exps.weight is missing"):
         ModelFile(bad)
 
 
 def test_missing_key(model_path, tmp_path):
-    src = _rewrite(model_path, tmp_path / "k.gguf")
-    with GGUFFile(src) as g:
-        md = dict(g.metadata)
-    md.pop("llada2.expert_count")
-    # rebuild without that key
-    bad = tmp_path / "k2.gguf"
-    with GGUFFile(src) as g, GGUFStreamWriter(bad, alignment=g.alignment) as w:
-        for k, v in md.items():
-            if k != "general.alignment":
-                w.add(k, v)
-        for t in g.tensors.values():
-            w.add_tensor(t.name, t.ne, t.ggml_type)
-        w.begin_data()
-        for t in g.tensors.values():
-            w.write(t.name, g.tensor_data(t.name))
-        w.finish()
+    bad = rewrite_gguf(model_path, tmp_path / "k.gguf", metadata={"llada2.expert_count": None})
     with pytest.raises(GGUFError, match="llada2.expert_count"):
         ModelFile(bad)
 

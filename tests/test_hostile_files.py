@@ -21,6 +21,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from gguf_copy import rewrite_gguf as rewrite
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as V
 
 import tide_local
@@ -47,46 +48,6 @@ def model_path(checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf"
     convert(checkpoint, path, "f16", progress=False)
     return path
-
-
-def rewrite(src, dst, *, metadata=None, drop=(), retype=None, extra=()):
-    """Copy a GGUF, overriding metadata (value, or (value, GGUF type)), dropping tensors, giving
-    tensors another ggml type (requantized where ggml can, else zero bytes) and adding tensors."""
-    retype = retype or {}
-    with GGUFFile(src) as g:
-        md = {k: (v, None) for k, v in g.metadata.items() if k != "general.alignment"}
-        for k, v in (metadata or {}).items():
-            md[k] = v if isinstance(v, tuple) else (v, None)
-        with GGUFStreamWriter(dst, alignment=g.alignment) as w:
-            for k, (v, vtype) in md.items():
-                w.add(k, v, vtype)
-            keep = [t for n, t in g.tensors.items() if n not in drop]
-            for t in keep:
-                w.add_tensor(t.name, t.ne, retype.get(t.name, t.ggml_type))
-            for name, ne, ggml_type in extra:
-                w.add_tensor(name, ne, ggml_type)
-            w.begin_data()
-            for t in keep:
-                data = g.tensor_data(t.name)
-                if t.name in retype:
-                    data = _encode(ggml.dequantize_rows(data, t.ggml_type, t.ne[0]), retype[t.name], t.ne)
-                w.write(t.name, data)
-            for name, ne, ggml_type in extra:
-                w.write(name, np.zeros(_nbytes(ne, ggml_type), np.uint8))
-            w.finish()
-    return dst
-
-
-def _nbytes(ne, ggml_type) -> int:
-    block, size = GGML_QUANT_SIZES[T(ggml_type)]
-    return ne[0] // block * size * math.prod(ne[1:])
-
-
-def _encode(rows: np.ndarray, ggml_type, ne) -> np.ndarray:
-    try:
-        return ggml.quantize_rows(rows, int(ggml_type))
-    except ValueError:  # a type ggml does not quantize to: its bytes are zeros
-        return np.zeros(_nbytes(ne, ggml_type), np.uint8)
 
 
 def _one_line_error(capsys, verb: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf_copy import rewrite_gguf
 from gguf import GGUFValueType as V, TokenType
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -217,23 +218,6 @@ def test_a_vocabulary_larger_than_the_model_is_refused(theirs):
 
 
 # -- metadata llama.cpp reads ---------------------------------------------------------------------
-def _with_metadata(src: Path, dst: Path, changes: dict) -> Path:
-    """A copy of `src` with some metadata values replaced (their GGUF type inferred)."""
-    with GGUFFile(src) as g, GGUFStreamWriter(dst, alignment=g.alignment) as w:
-        for k, v in g.metadata.items():
-            if k in changes:
-                w.add(k, changes[k])
-            elif k != "general.alignment":
-                w.add(k, v, *g.value_types[k])
-        for t in g.tensors.values():
-            w.add_tensor(t.name, t.ne, t.ggml_type)
-        w.begin_data()
-        for t in g.tensors.values():
-            w.write(t.name, g.tensor_data(t.name))
-        w.finish()
-    return dst
-
-
 @pytest.mark.parametrize("key, value, match", [
     ("llada2.attention.value_length", 32, "value_length is 32 but the other keys make it 64"),
     ("llada2.expert_shared_feed_forward_length", 128, "expert_shared_feed_forward_length is 128 but the other"),
@@ -244,11 +228,11 @@ def _with_metadata(src: Path, dst: Path, changes: dict) -> Path:
 ])
 def test_llamacpp_keys_that_disagree_are_refused(theirs, tmp_path, key, value, match):
     with pytest.raises(GGUFError, match=match):
-        ModelFile(_with_metadata(theirs, tmp_path / "b.gguf", {key: value}))
+        ModelFile(rewrite_gguf(theirs, tmp_path / "b.gguf", metadata={key: value}))
 
 
 def test_an_unknown_pre_tokenizer_is_refused_at_load(theirs, tmp_path):
-    path = _with_metadata(theirs, tmp_path / "b.gguf", {"tokenizer.ggml.pre": "gpt-4o"})
+    path = rewrite_gguf(theirs, tmp_path / "b.gguf", metadata={"tokenizer.ggml.pre": "gpt-4o"})
     with pytest.raises(GGUFError, match="b.gguf: tokenizer.ggml.pre is 'gpt-4o', a pre-tokenizer tide does not know"):
         tide_local.load(path, device="cpu", threads=1)
 
