@@ -245,3 +245,14 @@ def test_a_model_file_changed_on_disk_is_refused(checkpoint, tmp_path):
             eng.generate([1, 2], max_new_tokens=8)
         with pytest.raises(GGUFError, match="changed on disk"):
             eng.logits([1, 2])
+
+
+def test_default_threads_follow_the_cpu_affinity(engine):
+    """A process allowed fewer cores than the machine has starts no more threads than it may run."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import tide_local; "
+            f"print(tide_local.load({str(engine.file.path)!r}, device='cpu').threads)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

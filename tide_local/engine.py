@@ -23,6 +23,7 @@ from tide_local.diffusion import (BlockEvent, DecodeOptions, DecodeResult, PassI
 from tide_local.diffusion.batch import SequenceFailed
 from tide_local.diffusion.options import option_default, option_specs
 from tide_local.errors import BudgetError, ContextError, DeviceError, EngineBusyError, GGUFError
+from tide_local.ggml.backend import usable_cores
 from tide_local.experts.memory import MemoryPlan, budget_for_slots, parse_memory, plan_memory
 from tide_local.experts.offload import HybridExperts
 from tide_local.experts.policies import DEFAULT_TAU, POLICIES, make_policy
@@ -173,7 +174,7 @@ class Engine:
         self.mask_id, self.eos_id = ids["mask"], ids["eos"]
         self.role_end_id = ids.get("role_end")
         self.defaults = self.file.decoding_defaults()
-        threads = threads or os.cpu_count() or 1
+        threads = threads or usable_cores()  # the cores this process may run on (its affinity)
         self.n_ctx = min(self.config.context_length, n_ctx or DEFAULT_CONTEXT)
         device_backend, self.device = _resolve_device(device, threads)
         # the CPU share gets every core, except beside the emulated device, which computes on half of them
