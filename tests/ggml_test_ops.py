@@ -165,29 +165,12 @@ class OpsContext(ggml.Context):
 class OpsBackend(ggml.Backend):
     """A backend with the memory and asynchronous-transfer calls only the tests use."""
 
-    def __init__(self, ptr: int, device: ggml.Device | None = None):
-        super().__init__(ptr, device)
-        self._pending: list = []  # host arrays referenced by in-flight async copies
-
     def alloc_buffer(self, size: int) -> ggml.Buffer:
         """A buffer of the default type; place tensors into it with :meth:`Buffer.place`."""
         ptr = self._lib.ggml_backend_alloc_buffer(self._p(), int(size))
         if not ptr:
             raise MemoryError(f"{self.name}: cannot allocate {size} bytes")
         return ggml.Buffer(ptr)
-
-    # ---- transfers
-    def set_async(self, tensor: Tensor, array, offset: int | None = None) -> None:
-        """Start copying ``array`` into ``tensor`` (whole tensor, or bytes from ``offset``).
-
-        The array is held until :meth:`synchronize`; do not modify it before then.
-        """
-        arr = tensor._as_source(array, offset)
-        tensor._ensure_data()
-        off = offset or 0
-        tensor._check_range(off, arr.nbytes)
-        self._pending.append(arr)
-        self._lib.ggml_backend_tensor_set_async(self._p(), tensor.ptr, arr.ctypes.data, off, arr.nbytes)
 
     def get_async(self, tensor: Tensor, out: np.ndarray, offset: int = 0) -> None:
         """Start copying ``tensor`` bytes [offset, offset+out.nbytes) into ``out``; valid after synchronize()."""
@@ -197,12 +180,6 @@ class OpsBackend(ggml.Backend):
         tensor._check_range(offset, out.nbytes)
         self._pending.append(out)
         self._lib.ggml_backend_tensor_get_async(self._p(), tensor.ptr, out.ctypes.data, offset, out.nbytes)
-
-    def synchronize(self) -> None:
-        """Wait for queued copies and compute on this backend."""
-        self._lib.ggml_backend_synchronize(self._p())
-        self._pending.clear()
-
 
 def wrap_device_host_memory(device: ggml.Device, obj, size: int | None = None, *, max_tensor_size: int | None = None,
                             keepalive=None) -> ggml.Buffer:

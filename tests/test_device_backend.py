@@ -161,6 +161,7 @@ def test_generation_runs_on_the_device(model_path, kv_cache):
         res = eng.generate(IDS[:10], kv_cache=kv_cache, **opts)
         s, vocab = res.stats.offload, eng.config.vocab_size
         assert eng.cpu_backend.n_threads == 2  # a real device computes on its own: the misses get every core
+        assert eng.offload.uploader.asynchronous  # uploads on a second queue of the device, ordered by events
     assert 0 < len(res.tokens) <= 12 and all(0 <= t < vocab for t in res.tokens)
     assert s.hits > 0 and s.misses > 0
 

@@ -321,6 +321,30 @@ def test_prefetch_chooses_from_the_previous_pass():
     assert policy.refresh(slots, second, step=2, clock=3) == [(0, 6)]
 
 
+def test_prefetch_uploads_before_the_pass_what_the_layer_would_have():
+    """The engine asks for a prefetching policy's uploads at the pass's start (they run beside the
+    earlier layers); the layer's own refresh then uploads nothing, and the residency is the one a
+    replay (refresh at the layer's turn) reaches."""
+    from tide_local.experts.policies import PrefetchPolicy
+
+    counts = [np.bincount(np.random.default_rng(i).integers(0, 8, 12), minlength=8) for i in range(6)]
+    early, early_slots = PrefetchPolicy(tau=2), LayerSlots(3, 8)
+    late, late_slots = PrefetchPolicy(tau=2), LayerSlots(3, 8)
+    assert early.prefetch(early_slots, step=0, clock=1) is None  # no earlier pass yet
+    for clock, c in enumerate(counts, start=1):
+        ahead = early.prefetch(early_slots, step=clock - 1, clock=clock) if clock > 1 else None
+        at_turn = early.refresh(early_slots, c, step=clock - 1, clock=clock)
+        assert at_turn == ([] if ahead is not None else at_turn)
+        assert (ahead if ahead is not None else at_turn) == late.refresh(late_slots, c, step=clock - 1, clock=clock)
+        assert np.array_equal(early_slots.slot_of_expert, late_slots.slot_of_expert)
+
+
+def test_uploads_are_synchronous_beside_the_emulated_device(model_path):
+    with tide_local.load(model_path, device="emulated", policy="prefetch", expert_slots=6, tau=2, threads=2) as eng:
+        assert not eng.offload.uploader.asynchronous  # a CPU backend: copies are memcpy, made at once
+        eng.generate([1, 2, 3], max_new_tokens=8)
+
+
 def test_every_placement_gives_bit_identical_logits(model_path):
     """Not just the tokens: the logits of a forward are the same bits for every placement (the
     device's outputs plus the gathered CPU rows, exact zeros where the other side owns a choice)."""

@@ -24,6 +24,7 @@ import numpy as np
 from tide_local import ggml, architecture
 from tide_local.experts.memory import MemoryPlan, pool_slots
 from tide_local.experts.policies import LayerSlots, Policy, refresh_layer
+from tide_local.experts.uploader import Uploader
 from tide_local.diffusion.blockmodel import PassInfo
 from tide_local.model.experts import routed_experts
 from tide_local.model.router import Routing
@@ -172,6 +173,8 @@ class HybridExperts:
         self.buffer = device.alloc_tensors(self.context) if self.pools else None
         if self.buffer is not None:
             self.buffer.clear(0)
+        self.uploader = Uploader(device)
+        self._prefetched: dict[int, int] = {}  # per layer, uploads a prefetching policy made at the pass's start
         self.cpu = CpuExperts(cpu, weights, cfg)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tide-cpu-experts")
         self.stats = OffloadCounters()
@@ -186,12 +189,22 @@ class HybridExperts:
     # -- the pass clock ----------------------------------------------------------------------------
     def begin_pass(self, start: int, n_tokens: int, info: PassInfo) -> None:
         """A forward over positions [start, start+n_tokens) begins: `info` (the decoder's block and
-        step) says when the policy may refresh; a commit pass never does."""
+        step) says when the policy may refresh; a commit pass never does. A prefetching policy's
+        refreshes are known now, so every layer's uploads start here, beside the work of the
+        layers before it."""
+        self.uploader.drain()  # the last pass's copies (long done): their host arrays go
         self.pass_info = info
         self.clock += 1
         self.stats.passes += 1
         self.step_log.append({"start": start, "kind": info.kind, "block": info.block, "step": info.step,
                               "commit": info.kind == "commit", "tokens": n_tokens, "layers": {}})
+        self._prefetched = {}
+        if self.policy.prefetches and info.refreshes:
+            for layer, slots in self.slots.items():
+                uploads = self.policy.prefetch(slots, info.step, self.clock) if slots.n_slots else None
+                if uploads is not None:
+                    self.upload(layer, uploads)
+                    self._prefetched[layer] = len(uploads)
 
     # -- per layer ----------------------------------------------------------------------------------
     def upload(self, layer: int, uploads: list[tuple[int, int]], count: bool = True) -> None:
@@ -207,9 +220,11 @@ class HybridExperts:
             src = g.tensor_data(layout.tensor.name)
             size = layout.slice_bytes
             for slot, expert in uploads:
-                pool[proj].set(typed(src[expert * size:(expert + 1) * size], pool[proj].dtype), offset=slot * size)
+                self.uploader.put(pool[proj], typed(src[expert * size:(expert + 1) * size], pool[proj].dtype),
+                                  slot * size)
                 nbytes += size
-        self.stats.upload_seconds += time.perf_counter() - t0
+        self.uploader.finish(layer)
+        self.stats.upload_seconds += time.perf_counter() - t0  # issuing them, where they are asynchronous
         if count:
             self.stats.add(layer, uploads=len(uploads), upload_bytes=nbytes)
 
@@ -220,6 +235,7 @@ class HybridExperts:
         hit = refresh.hit
         miss_t, miss_k = np.nonzero(~hit)
         hits, misses, uploads = refresh.tally()
+        uploads += self._prefetched.pop(layer, 0)  # made at the pass's start
         self.stats.add(layer, hits=hits, misses=misses)
         self.step_log[-1]["layers"][layer] = (hits, misses, uploads)
         rounds = [(ups, distinct_slots(ids, ids >= 0), np.where(ids >= 0, routing.weights, 0.0)
@@ -292,6 +308,7 @@ class HybridExperts:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+        self.uploader.close()
 
 
 @contextmanager
@@ -338,6 +355,7 @@ class _HybridPass:
     def _device_round(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> None:
         self.ids[layer].set(ids)
         self.weights[layer].set(weights)
+        self.executor.uploader.ready(layer)  # the device waits for the layer's copies, the host does not
         with self.timer.phase("compute_experts"):
             self.executor.device.compute(self.hit_graphs[layer])
         self._y_device_zero = False

@@ -117,6 +117,11 @@ class Policy:
         block (0 at its first); `clock` counts every pass."""
         return []
 
+    def prefetch(self, slots: LayerSlots, step: int, clock: int) -> list[tuple[int, int]] | None:
+        """For a policy that `prefetches`: this pass's uploads, made before the pass starts (its
+        `refresh` at the layer's turn then uploads nothing); None when it cannot know them yet."""
+        return None
+
 
 class TidePolicy(Policy):
     name = "tide"
@@ -144,13 +149,26 @@ class PrefetchPolicy(TidePolicy):
     def __init__(self, tau: int):
         super().__init__(tau)
         self._previous = weakref.WeakKeyDictionary()  # per layer (its LayerSlots): last pass's counts
+        self._prefetched = weakref.WeakKeyDictionary()  # per layer: the clock of its last prefetch
+
+    def _uploads(self, slots, known, step, clock):
+        if step % self.tau:
+            return []
+        return _upload_top(slots, _top_by_count(known, slots.n_slots, slots.slot_of_expert >= 0), known, clock)
+
+    def prefetch(self, slots, step, clock):
+        known = self._previous.get(slots)
+        if known is None:  # the first pass has nothing earlier to go by: it refreshes at its turn
+            return None
+        self._prefetched[slots] = clock
+        return self._uploads(slots, known, step, clock)
 
     def refresh(self, slots, counts, step, clock):
         known = self._previous.get(slots, counts)  # the first pass has nothing earlier to go by
         self._previous[slots] = counts.copy()
-        if step % self.tau:
+        if self._prefetched.get(slots) == clock:  # done before the pass started, from the same counts
             return []
-        return _upload_top(slots, _top_by_count(known, slots.n_slots, slots.slot_of_expert >= 0), known, clock)
+        return self._uploads(slots, known, step, clock)
 
 
 class AdaptivePolicy(Policy):

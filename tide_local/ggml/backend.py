@@ -87,6 +87,7 @@ class Backend(OwnedHandle):
         # a driver that reads stale descriptor bindings: renew the backend after frees (device.py)
         self._renew = self.device is not None and self.device.reads_unused_descriptors
         self._released_seen = released_count(self.device) if self._renew else 0
+        self._pending: list = []  # host arrays referenced by in-flight async copies
 
     # ---- construction
     @classmethod
@@ -200,6 +201,23 @@ class Backend(OwnedHandle):
         return buf
 
     # ---- compute
+    # ---- asynchronous transfers
+    def set_async(self, tensor: Tensor, array, offset: int | None = None) -> None:
+        """Start copying ``array`` into ``tensor`` (whole tensor, or bytes from ``offset``) on this
+        backend's queue. The array is held until :meth:`synchronize`; do not modify it before then.
+        (A backend without asynchronous copies, the CPU's, copies at once.)"""
+        arr = tensor._as_source(array, offset)
+        tensor._ensure_data()
+        off = offset or 0
+        tensor._check_range(off, arr.nbytes)
+        self._pending.append(arr)
+        self._lib.ggml_backend_tensor_set_async(self._p(), tensor.ptr, arr.ctypes.data, off, arr.nbytes)
+
+    def synchronize(self) -> None:
+        """Wait for queued copies and compute on this backend; the held arrays are released."""
+        self._lib.ggml_backend_synchronize(self._p())
+        self._pending.clear()
+
     def compute(self, graph: Graph, inputs: Mapping[Tensor, np.ndarray] | None = None) -> None:
         """Run the graph to completion (allocating it on this backend first if needed).
 
