@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -247,12 +249,20 @@ def test_a_model_file_changed_on_disk_is_refused(checkpoint, tmp_path):
             eng.logits([1, 2])
 
 
-def test_default_threads_follow_the_cpu_affinity(engine):
-    """A process allowed fewer cores than the machine has starts no more threads than it may run."""
+def test_default_threads_follow_the_cpu_affinity_and_the_model_size(engine):
+    """A process allowed fewer cores than the machine has starts no more threads than it may run;
+    a small model runs on one thread (its ops are too small to share)."""
     import subprocess
     import sys
 
-    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import tide_local; "
-            f"print(tide_local.load({str(engine.file.path)!r}, device='cpu').threads)")
+    from tide_local.converters.testmodel import build_config
+    from tide_local.architecture import LLaDA2Config
+    from tide_local.engine import default_threads
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from tide_local.ggml.backend import usable_cores; print(usable_cores())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+    assert engine.config.hidden_size < 512 and default_threads(engine.config) == 1
+    mini = LLaDA2Config.from_hf(build_config("mini"))
+    assert default_threads(mini) == len(os.sched_getaffinity(0))

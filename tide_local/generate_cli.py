@@ -115,7 +115,8 @@ def build_parser(prog: str = "tide generate") -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true",
                      help="after the summary, print one more line of statistics (blocks, steps per block, "
                      "forwards, prefill time, why generation stopped)")
-    run.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="CPU threads (default: all cores; 1 for a small model such as the demo)")
     run.add_argument("--no-cache", action="store_true",
                      help="recompute the whole context at every step instead of using the block KV cache "
                      "(slow; same tokens: for checking)")

@@ -42,7 +42,8 @@ def build_parser(prog: str = "tide profile") -> argparse.ArgumentParser:
                    help="auto (the first GPU of the loaded libggml, else emulated), cpu, emulated, or a device name")
     p.add_argument("-o", "--output", metavar="FILE", default=None,
                    help="where to save the profile (default: the cache directory, per device)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: all cores; 1 for a small model such as the demo)")
     p.add_argument("--repeat", type=int, default=5, metavar="N", help="timed repetitions per point (default 5)")
     p.add_argument("--ctx", type=int, default=1024, metavar="N",
                    help="context for the fixed-work passes (default 1024)")

@@ -74,7 +74,8 @@ def build_parser(prog: str = "tide serve") -> argparse.ArgumentParser:
 
     off = p.add_argument_group("device and expert offload (as for `tide generate`)")
     add_offload_arguments(off)
-    off.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    off.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="CPU threads (default: all cores; 1 for a small model such as the demo)")
     return p
 
 
