@@ -143,12 +143,14 @@ def run_level(engine, endpoint: str, bodies: list[dict], clients: int) -> dict:
                 "step_ms": 1000 * m.step_seconds.sum / max(1, steps), "answers": answers}
 
 
-def bench(model: str, path: Path, device: str, clients: list[int], n_requests: int, threads: int) -> dict:
+def bench(model: str, path: Path, device: str, clients: list[int], n_requests: int, threads: int | None) -> dict:
     endpoint, bodies = requests_for(model, n_requests)
     load = dict(device=device, threads=threads, max_batch=max(clients), n_ctx=512)
     if device == "emulated":
         load["expert_slots"] = tide_local.load(path, device="cpu").config.n_experts // 2
     with tide_local.load(path, **load) as engine:
+        used = (f"{engine.threads} thread(s)" if engine.cpu_backend is engine.backend else
+                f"{engine.threads} device + {engine.cpu_backend.n_threads} CPU thread(s)")
         run_level(engine, endpoint, bodies[: min(4, len(bodies))], 1)  # warm-up: graphs, caches, pages
         levels = []
         for c in clients:
@@ -163,7 +165,8 @@ def bench(model: str, path: Path, device: str, clients: list[int], n_requests: i
         lv["same_answers"] = (lv["answers"] == base["answers"]) if base else None
     for lv in levels:
         del lv["answers"]
-    return {"model": model, "path": path.name, "device": device, "endpoint": endpoint, "levels": levels}
+    return {"model": model, "path": path.name, "device": device, "endpoint": endpoint, "threads": used,
+            "levels": levels}
 
 
 def write(results: list[dict], args, started: float) -> None:
@@ -177,7 +180,7 @@ def write(results: list[dict], args, started: float) -> None:
              "requests; the server decodes up to C together (`--max-batch C`). C = 1 is the same requests "
              "one after another. ×1 is aggregate throughput over C = 1 in the same run.", ""]
     for r in results:
-        lines += [f"## {r['model']} ({r['path']}), {r['device']}, /v1/{r['endpoint']}", "",
+        lines += [f"## {r['model']} ({r['path']}), {r['device']}, /v1/{r['endpoint']}, {r['threads']}", "",
                   "| clients | tok/s | × C=1 | latency mean s | p95 s | req/forward | rows/expert | ms/forward "
                   "| forwards | same answers |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--mini-types", default="q8_0,q4_k_m",
                    help="the mini-shaped model's types (default q8_0,q4_k_m; K-quants round by row count: "
                         "batched answers may differ from sequential ones, see the README)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the engine's: all cores, 1 for the demo)")
     args = p.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     started = time.perf_counter()
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
     for model, path in models:
         for device in args.devices.split(","):
             n = args.requests if model == "demo" else max(8, args.requests // 2)
-            results.append(bench(model, path, device, clients, n, args.threads or os.cpu_count()))
+            results.append(bench(model, path, device, clients, n, args.threads))
     write(results, args, started)
     print(f"wrote {RESULTS / 'serve.md'}", file=sys.stderr)
     return 0
