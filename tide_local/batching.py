@@ -179,6 +179,7 @@ class EngineBatch:
 
     @property
     def last_step(self) -> BatchStep | None:
+        """The last step's forward (None when it ran none)."""
         return self._model.last
 
     def add(self, key: Hashable, prompt: str | Sequence[int], *, stop_ids: Sequence[int] | None = None,
@@ -194,6 +195,7 @@ class EngineBatch:
         self._started[key] = time.perf_counter()
 
     def step(self) -> list[tuple[Hashable, object]]:
+        self._model.last = None  # a step without a forward (only sequences ending) has no BatchStep
         events = []
         for key, event in self._decoder.step():
             if isinstance(event, DecodeResult):
