@@ -13,7 +13,7 @@ from tide_local.converters.convert import convert
 from tide_local.converters.testmodel import make_checkpoint
 from tide_local.diffusion import BlockEvent, DecodeOptions, DecodeResult, StepEvent, WindowModel, iter_decode
 from tide_local.diffusion.batch import BatchDecoder, SequenceFailed
-from tide_local.errors import ContextError
+from tide_local.errors import BudgetError, ContextError
 from tide_local.experts.memory import plan_memory
 from tide_local.results import GenerationResult
 
@@ -239,3 +239,6 @@ def test_device_plan_holds_a_kv_cache_per_sequence(models):
         four = plan_memory(eng.file, 1 << 40, 1024, sequences=4)
     assert four.device_bytes["KV cache"] == 4 * one.device_bytes["KV cache"]
     assert four.device_bytes["compute buffers"] > one.device_bytes["compute buffers"]
+    with pytest.raises(BudgetError, match="4 sequences decoded together.*--max-batch"):
+        with tide_local.load(models["f32"], device="emulated", gpu_memory="1MiB", max_batch=4):
+            pass

@@ -128,8 +128,10 @@ def plan_memory(model: ModelFile, budget: int, n_ctx: int, *, max_slots: int | N
     if budget < fixed:
         raise BudgetError(
             f"a device budget of {human_bytes(budget)} cannot hold the non-expert part of the model "
-            f"({human_bytes(fixed)} at context {n_ctx}); the smallest budget that works is {human_bytes(fixed)}"
-            " (or lower the context)"
+            f"({human_bytes(fixed)} at context {n_ctx}"
+            + (f", KV caches for {sequences} sequences decoded together" if sequences > 1 else "")
+            + f"); the smallest budget that works is {human_bytes(fixed)} (or lower the context"
+            + (" or the sequences decoded together, --max-batch" if sequences > 1 else "") + ")"
         )
     per_layer = (budget - fixed) // max(1, expert_bytes * len(moe)) if moe else 0
     per_layer = min(per_layer, cfg.n_experts if max_slots is None else max_slots)
