@@ -192,11 +192,15 @@ def test_generate_batch_gives_every_prompt_its_solo_tokens(models, typ, device, 
                          n_ctx=1024) as eng:
         options = dict(max_new_tokens=50, threshold=0.9)
         want = [eng.generate(p, **options).tokens for p in PROMPTS]
+        trace = eng.record_trace()
         got = eng.generate_batch(PROMPTS, **options)  # 6 prompts, 4 at a time: two join as others finish
+        eng.stop_trace()
         assert [r.tokens for r in got] == want
         assert all(isinstance(r, GenerationResult) and r.stats.finish_reason == "length" for r in got)
+        assert any(p["kind"] == "batch" and p["start"] == -1 for p in trace.passes)  # several sequences, one pass
         if device == "emulated":
-            assert eng.offload.stats.passes > 0 and any(s["kind"] == "batch" for s in eng.offload.step_log)
+            assert eng.offload.stats.passes > 0 and eng.offload.step_log == []  # no per-pass log while batching
+            assert all(r.stats.offload.hits + r.stats.offload.misses > 0 for r in got)
 
 
 def test_batch_sequences_keep_their_own_options_and_report_each_step(models):

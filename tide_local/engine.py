@@ -394,12 +394,15 @@ class Engine:
             self.model.drop_cache()  # the batch's sequences bring caches of their own
             if self.offload is not None:
                 self.offload.reset_stats()
+                self.offload.log_steps = False  # a batch may run for hours; its steps report their own counts
             self.timer.reset()
             batch = EngineBatch(self, n)
             try:
                 yield batch
             finally:
                 batch.close()
+                if self.offload is not None:
+                    self.offload.log_steps = True
 
     @_decoding_keywords
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], *, stop_ids: Sequence[int] | None = None,

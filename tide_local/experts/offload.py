@@ -179,6 +179,7 @@ class HybridExperts:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tide-cpu-experts")
         self.stats = OffloadCounters()
         self.step_log: list[dict] = []  # per pass: what it was for, and per layer (hits, misses, uploads)
+        self.log_steps = True  # off while a batch serves for hours: the log would grow without end
         self.pass_info = PassInfo.plain()
         self.clock = 0  # passes so far (LRU's recency)
         self.timeline: list[dict] | None = None  # per (pass, layer) phase times, while recorded
@@ -196,8 +197,9 @@ class HybridExperts:
         self.pass_info = info
         self.clock += 1
         self.stats.passes += 1
-        self.step_log.append({"start": start, "kind": info.kind, "block": info.block, "step": info.step,
-                              "commit": info.kind == "commit", "tokens": n_tokens, "layers": {}})
+        if self.log_steps:
+            self.step_log.append({"start": start, "kind": info.kind, "block": info.block, "step": info.step,
+                                  "commit": info.kind == "commit", "tokens": n_tokens, "layers": {}})
         self._prefetched = {}
         if self.policy.prefetches and info.refreshes:
             for layer, slots in self.slots.items():
@@ -237,7 +239,8 @@ class HybridExperts:
         hits, misses, uploads = refresh.tally()
         uploads += self._prefetched.pop(layer, 0)  # made at the pass's start
         self.stats.add(layer, hits=hits, misses=misses)
-        self.step_log[-1]["layers"][layer] = (hits, misses, uploads)
+        if self.log_steps:
+            self.step_log[-1]["layers"][layer] = (hits, misses, uploads)
         rounds = [(ups, distinct_slots(ids, ids >= 0), np.where(ids >= 0, routing.weights, 0.0)
                    .astype(np.float32), ids >= 0) for ups, ids in refresh.rounds]
         if rounds:  # the CPU runs only what no round computes
