@@ -288,6 +288,8 @@ STAGES = (
     Stage("policies", 240, "ms per step and tokens/s of every placement", gpu=True, needs=("model",)),
     Stage("planner", 40, "the cost model's predictions against the measured runs", gpu=True,
           needs=("profile", "policies")),
+    Stage("batching", 90, "several prompts per forward (tide serve --max-batch) against one after another, "
+          "on the CPU's cores and on the device", gpu=True, needs=("model",)),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -876,9 +878,47 @@ def stage_planner(cfg: Config) -> dict:
     return result
 
 
+# ---- batching --------------------------------------------------------------------------------------
+
+BATCH_SIZES = (1, 2, 4, 8)
+
+
+def stage_batching(cfg: Config) -> dict:
+    """The same 8 prompts decoded one after another and `generate_batch`ed 2, 4 and 8 at a time:
+    aggregate tokens/s and whether every answer equals its sequential one, on all the CPU's
+    cores and on the device (tide at the middle budget)."""
+    import tide_local
+
+    model = load_result(cfg, "model")
+    prompts = [prompt_ids(n) for n in (17, 40, 64, 90, 33, 70, 8, 50)]
+    options = {"max_new_tokens": min(cfg.new_tokens, 32), "steps": 8}
+    places = [("cpu", {"device": "cpu"}),
+              (device_name(cfg), {"device": device_name(cfg), "policy": "tide", "tau": 4,
+                                  "expert_slots": model["budgets"][len(model["budgets"]) // 2]})]
+    rows = []
+    for label, load in places:
+        with tide_local.load(cfg.model, n_ctx=N_CTX, threads=cfg.threads, max_batch=max(BATCH_SIZES), **load) as eng:
+            eng.generate(prompts[0], **options)  # warm-up
+            t0 = time.perf_counter()
+            solo = [eng.generate(p, **options).tokens for p in prompts]
+            base = sum(map(len, solo)) / (time.perf_counter() - t0)
+            for size in BATCH_SIZES:
+                if size == 1:
+                    done, tokens_per_s = solo, base
+                else:
+                    t0 = time.perf_counter()
+                    done = [r.tokens for r in eng.generate_batch(prompts, max_batch=size, **options)]
+                    tokens_per_s = sum(map(len, done)) / (time.perf_counter() - t0)
+                rows.append({"on": label, "batch": size, "tokens_per_second": tokens_per_s,
+                             "over_sequential": tokens_per_s / base, "same_answers": done == solo})
+    result = {"threads": cfg.threads, "prompts": len(prompts), "options": options, "rows": rows}
+    save_result(cfg, "batching", result)
+    return result
+
+
 BODIES = {"wheels": stage_wheels, "build": stage_build, "model": stage_model, "tests": stage_tests,
           "logits": stage_logits, "bandwidth": stage_bandwidth, "profile": stage_profile,
-          "policies": stage_policies, "planner": stage_planner}
+          "policies": stage_policies, "planner": stage_planner, "batching": stage_batching}
 
 
 def run_stage_body(name: str, work: str) -> int:
@@ -1104,7 +1144,7 @@ def render(r: dict) -> str:
     for part in (_render_wheels(res.get("wheels")), _render_model(res.get("model")), _render_tests(res.get("tests")),
                  _render_logits(res.get("logits")), _render_bandwidth(res.get("bandwidth")),
                  _render_profile(res.get("profile")), _render_policies(res.get("policies")),
-                 _render_planner(res.get("planner"))):
+                 _render_planner(res.get("planner")), _render_batching(res.get("batching"))):
         lines += part + [""] if part else []
     return "\n".join(lines).rstrip() + "\n"
 
@@ -1191,6 +1231,20 @@ def _render_profile(p: dict) -> list[str]:
              f"layer, LM head {1e3 * c['logits_pass_s']:.2f} ms; overlap slowdown {c['overlap_slowdown']:.2f}. "
              "Then `tide plan` for each budget, cached for tau=\"auto\" (routing: the resident run's)."), ""] + _table(
         ["slots", "planned tau", "planned slots", "solve s", "predicted tok/s: planned", "swap", "lru", "cpu"], rows)
+
+
+def _render_batching(b: dict) -> list[str]:
+    if not b:
+        return []
+    rows = [[_where(r["on"]) if r["on"] != "cpu" else f"CPU ({b['threads']} threads)", r["batch"],
+             f"{r['tokens_per_second']:.1f}", f"{r['over_sequential']:.2f}", "yes" if r["same_answers"] else "no"]
+            for r in b["rows"]]
+    return ["## Batching", "",
+            (f"{b['prompts']} prompts, {b['options']['max_new_tokens']} new tokens in "
+             f"{b['options']['steps']} steps per block: one after another (batch 1), then `generate_batch` "
+             "with at most 2, 4 and 8 per forward (what `tide serve --max-batch` does). Answers equal the "
+             "sequential ones on f32 and q8_0; K-quants' tiled CPU kernel rounds by row count."), ""] + _table(
+        ["on", "batch", "tokens/s", "x sequential", "same answers"], rows)
 
 
 def _where(device: str) -> str:

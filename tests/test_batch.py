@@ -233,6 +233,10 @@ def test_generate_batch_refuses_a_bad_prompt_before_any_work(models):
         with pytest.raises(ValueError, match="max_batch"):
             with eng.batch(max_batch=3):
                 pass
+        with pytest.raises(ValueError, match="max_batch"):
+            eng.generate_batch([PROMPTS[0]], max_batch=3, max_new_tokens=8)
+        one_at_a_time = eng.generate_batch(PROMPTS[:3], max_batch=1, max_new_tokens=8)
+        assert [r.tokens for r in one_at_a_time] == [eng.generate(p, max_new_tokens=8).tokens for p in PROMPTS[:3]]
     with pytest.raises(ValueError, match="max_batch"):
         tide_local.load(models["f32"], device="cpu", max_batch=0)
 

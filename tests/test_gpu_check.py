@@ -67,7 +67,8 @@ def test_without_a_gpu_the_build_is_skipped_and_device_stages_need_a_libggml(gpu
 def test_the_check_without_a_gpu_writes_a_report_that_says_so(gpu_check, tmp_path):
     out = tmp_path / "gpu.md"
     rc = gpu_check.main(["check", "--no-gpu", "--work", str(tmp_path / "work"), "--out", str(out), "--only",
-                         "model,bandwidth", "--shape", "small", "--layers", "2", "--threads", "1",
+                         "model,bandwidth,batching", "--shape", "small", "--layers", "2", "--threads", "1",
+                         "--new-tokens", "8",
                          str(tmp_path / "carried")])
     assert rc == 0
     text = out.read_text()
@@ -77,3 +78,6 @@ def test_the_check_without_a_gpu_writes_a_report_that_says_so(gpu_check, tmp_pat
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["gpu"] is False and report["results"]["model"]["moe_layers"] == 1
     assert report["results"]["bandwidth"]["pinned"].startswith("not measured")
+    assert "## Batching" in text  # several prompts per forward, each answer its sequential one (q8_0)
+    assert [r["batch"] for r in report["results"]["batching"]["rows"]] == [1, 2, 4, 8] * 2
+    assert all(r["same_answers"] for r in report["results"]["batching"]["rows"])

@@ -406,16 +406,16 @@ class Engine:
 
     @_decoding_keywords
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], *, stop_ids: Sequence[int] | None = None,
-                       **options) -> list[GenerationResult]:
-        """Decode `prompts` together, up to the engine's `max_batch` at a time (load(...,
-        max_batch=N); the others join as sequences finish), and return their GenerationResults in
-        order. Each one's tokens are those of `generate(prompt, ...)` on f32 and q8_0 models
+                       max_batch: int | None = None, **options) -> list[GenerationResult]:
+        """Decode `prompts` together, up to `max_batch` at a time (default and at most the engine's:
+        load(..., max_batch=N); the others join as sequences finish), and return their
+        GenerationResults in order. Each one's tokens are those of `generate(prompt, ...)` on f32 and q8_0 models
         (K-quants: with GGML_CPU_TILED_MM=0). Every prompt is checked before any decoding."""
         prompts = list(prompts)
         for prompt in prompts:  # a bad prompt fails the call before any work
             self.check_context(len(self._ids(prompt)), self.decode_options(**options).max_new_tokens)
         results: list[GenerationResult | None] = [None] * len(prompts)
-        with self.batch() as batch:
+        with self.batch(max_batch) as batch:
             waiting = list(enumerate(prompts))[::-1]
             while waiting or batch.running:
                 while waiting and batch.has_room():
