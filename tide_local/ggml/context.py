@@ -26,6 +26,16 @@ from tide_local.ggml.tensor import Tensor
 
 __all__ = ["Context"]
 
+_TYPE_SIZES: dict[int, tuple[int, int]] = {}
+
+
+def _block_and_type_size(lib, dtype: int) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a ggml type; asked of libggml once per type."""
+    sizes = _TYPE_SIZES.get(dtype)
+    if sizes is None:
+        sizes = _TYPE_SIZES[dtype] = (lib.ggml_blck_size(dtype), lib.ggml_type_size(dtype))
+    return sizes
+
 _I32 = int(GGMLType.I32)
 _F32 = int(GGMLType.F32)
 _F16 = int(GGMLType.F16)
@@ -55,6 +65,8 @@ class Context(OwnedHandle):
         self._n_leaf = 0  # tensors made by new_tensor (graph leaves)
         self._deps: dict[int, Context] = {}  # contexts whose tensors our ops use (kept alive)
         self._keep: dict[int, object] = {}  # buffers/allocators holding this context's tensor data
+        # bytes of each tensor a view was taken of (its address stays its own while we keep it alive)
+        self._root_bytes: dict[int, int] = {}
 
     # ---- lifetime
     def _check_alive(self) -> None:
@@ -354,18 +366,21 @@ class Context(OwnedHandle):
         if len(nb) != n - 1:
             raise ValueError(f"view: {n} dims need {n - 1} strides, got {len(nb)}")
         L = self._lib
-        blck = L.ggml_blck_size(a.dtype)
+        blck, type_size = _block_and_type_size(L, a.dtype)
         if ne[0] % blck:
             raise ValueError(f"view: ne[0]={ne[0]} is not a multiple of the block size {blck}")
         if any(x < 0 for x in ne) or offset < 0:
             raise ValueError("view: negative size or offset")
         if 0 not in ne:
-            size = (ne[0] // blck) * L.ggml_type_size(a.dtype) + sum((ne[i] - 1) * nb[i - 1] for i in range(1, n))
+            size = (ne[0] // blck) * type_size + sum((ne[i] - 1) * nb[i - 1] for i in range(1, n))
             root = s.view_src if s.view_src else None
             root_ptr = ctypes.cast(root, ctypes.c_void_p).value if root else a.ptr
             total = offset + s.view_offs + size
-            if total > L.ggml_nbytes(root_ptr):
-                raise ValueError(f"view: bytes up to {total} exceed the viewed tensor ({L.ggml_nbytes(root_ptr)} bytes)")
+            root_bytes = self._root_bytes.get(root_ptr)
+            if root_bytes is None:  # a tensor's size never changes: asked once per viewed tensor
+                root_bytes = self._root_bytes[root_ptr] = L.ggml_nbytes(root_ptr)
+            if total > root_bytes:
+                raise ValueError(f"view: bytes up to {total} exceed the viewed tensor ({root_bytes} bytes)")
         self._room()
         self._use(a)
         off = int(offset)
