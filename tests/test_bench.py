@@ -168,6 +168,8 @@ def test_tide_bench_reports_a_row_per_context_and_thread_count(models, capsys, t
     (["--context", "999999"], "leaves no room"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--json", "/nonexistent-dir/b.json"], "--json: cannot write to /nonexistent-dir"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch", "65"], "--batch must be at most 64"),
 ])
 def test_tide_bench_mistakes_are_one_line(models, capsys, args, message):
     rc, out, err = bench(capsys, str(models["q8_0"]), "--no-llama-cpp", *args)
@@ -183,8 +185,10 @@ def test_tide_bench_on_a_missing_file_is_one_line(capsys, tmp_path):
 def test_tide_bench_demo(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("TIDE_CACHE_DIR", str(tmp_path / "cache"))
     rc, out, err = bench(capsys, "--demo", "--no-llama-cpp", "--context", "64", "--threads", "1", "--repeats", "1",
-                         "--generate", "0")
+                         "--generate", "8", "--batch", "2,3")
     assert rc == 0, err
     assert "demo-llada2-q8_0.gguf" in err and "| 64 | 1 | **" in out
+    batched = [line for line in out.splitlines() if line.startswith(("| 1 | ", "| 2 | ", "| 3 | ")) and "×" in line]
+    assert len(batched) == 3 and all(line.endswith("| yes |") for line in batched)  # q8_0: the same tokens
     rc, _, err = bench(capsys, "--no-llama-cpp")
     assert rc == 2 and "give MODEL.gguf or --demo" in err

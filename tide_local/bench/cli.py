@@ -31,17 +31,21 @@ what it measures (each row: one context length and thread count):
                  positions over the same context, timed alternately with ours; it reads a
                  `bailingmoe2` copy of the model written beside it once (same tensors,
                  renamed keys: as large as the model)
-Also: load time, peak RSS (the weights are mapped, not copied) and tokens/s end to end.
+Also: load time, peak RSS (the weights are mapped, not copied) and tokens/s end to end;
+with --batch, the aggregate tokens/s of several prompts decoded together (one forward per
+step for all) against the same prompts one after another.
 
 examples:
   tide bench model.gguf                           contexts 512 and 2048, 1 and all threads
   tide bench model.gguf --context 4096 --threads 4,8 --no-llama-cpp
   tide bench model.gguf --json bench.json         the numbers as JSON too
   tide bench --demo                               the demo model (llama.cpp's copy goes to the cache folder)
+  tide bench model.gguf --batch 2,4,8 --no-llama-cpp   what decoding 8 prompts together buys here
 """
 
 
 MAX_LIST = 16  # values per list option: each is a row of timed runs
+MAX_BATCH = 64  # prompts per --batch run
 
 
 def _int_list(text: str, what: str, allow_all: bool = False, high: int | None = None) -> list[int]:
@@ -79,6 +83,10 @@ def build_parser(prog: str = "tide bench") -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed steps per row (default 5)")
     p.add_argument("--generate", type=int, default=64, metavar="N",
                    help="tokens for the end-to-end tokens/s run (0 skips it; default 64)")
+    p.add_argument("--batch", default="", metavar="N[,N...]",
+                   type=lambda s: _int_list(s, "--batch", high=MAX_BATCH) if s else [],
+                   help="also decode max(N) prompts with at most N per forward, against one after another "
+                        "(--generate tokens each; default: not measured)")
     p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="skip the llama.cpp comparison")
     p.add_argument("--llama-cpp-copy", type=Path, metavar="PATH",
                    help="where to keep the bailingmoe2 copy for llama.cpp (default: beside the model)")
@@ -134,7 +142,8 @@ def main(argv: list[str] | None = None, prog: str = "tide bench") -> int:
         print(f"warning: {human_bytes(mapped)} of mapped weights will not stay in {human_bytes(ram)} of RAM; "
               "steps will read from disk" + (" (try --no-llama-cpp)" if args.llama_cpp else ""), file=sys.stderr)
     opts = BenchOptions(contexts=args.context, threads=args.threads, repeats=args.repeats,
-                        llama_cpp=args.llama_cpp, llama_cpp_copy=args.llama_cpp_copy, generate_tokens=args.generate)
+                        llama_cpp=args.llama_cpp, llama_cpp_copy=args.llama_cpp_copy, generate_tokens=args.generate,
+                        batch=args.batch)
     report = run(args.model, opts, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render(report), end="")
     if args.json:

@@ -45,6 +45,7 @@ class BenchOptions:
     llama_cpp: bool = True
     llama_cpp_copy: Path | None = None  # where the bailingmoe2 copy goes (default: beside the model)
     generate_tokens: int = 64  # end-to-end run; 0 skips it
+    batch: list[int] = field(default_factory=list)  # sequences per forward to measure against one at a time
     seed: int = 0
 
 
@@ -113,7 +114,8 @@ def run(model_path: str | os.PathLike, opts: BenchOptions, log=lambda msg: None)
     n_ctx = max(opts.contexts) + BLOCK
     log(f"loading {model_path.name}")
     t0 = time.perf_counter()
-    eng = tide_local.load(model_path, device="cpu", threads=max(opts.threads), n_ctx=n_ctx)
+    eng = tide_local.load(model_path, device="cpu", threads=max(opts.threads), n_ctx=n_ctx,
+                          max_batch=max(opts.batch, default=1))
     report["load_seconds"] = time.perf_counter() - t0
     runner = None
     try:
@@ -125,6 +127,8 @@ def run(model_path: str | os.PathLike, opts: BenchOptions, log=lambda msg: None)
         high = plain_token_range(eng)
         if opts.generate_tokens:
             report["generate"] = _end_to_end(eng, rng, high, opts, log)
+        if opts.batch:
+            report["batched"] = _batched(eng, rng, high, opts, log)
         report["memory"] = memory_status()  # before the bandwidth probe's 1 GiB buffer counts too
         log("read bandwidth (STREAM-style probe)")
         report["bandwidth"] = {t: read_bandwidth(t) for t in opts.threads}
@@ -154,6 +158,28 @@ def _end_to_end(eng, rng, high: int, opts: BenchOptions, log) -> dict:
     return {"threads": max(opts.threads), "tokens": s.tokens, "steps": s.steps,
             "seconds": s.seconds, "tokens_per_second": s.tokens_per_second,
             "tokens_per_step": s.tokens_per_step, "prefill_seconds": s.prefill_seconds}
+
+
+def _batched(eng, rng, high: int, opts: BenchOptions, log) -> dict:
+    """Aggregate tokens/s of as many prompts as the largest batch, decoded one after another
+    and then with at most N per forward (`generate_batch`), each answer checked against its
+    sequential one (equal on f32 and q8_0; K-quants' tiled kernel rounds by row count)."""
+    eng.backend.n_threads = max(opts.threads)
+    n_new = opts.generate_tokens or BLOCK
+    prompts = [rng.integers(0, high, BLOCK).tolist() for _ in range(max(opts.batch))]
+    log(f"batched: {len(prompts)} prompts of {BLOCK} tokens, {n_new} new tokens each, one after another")
+    t0 = time.perf_counter()
+    alone = [eng.generate(p, max_new_tokens=n_new, stop_ids=[]).tokens for p in prompts]
+    base = sum(map(len, alone)) / (time.perf_counter() - t0)
+    rows = [{"batch": 1, "tokens_per_second": base, "over_one_at_a_time": 1.0, "same_tokens": True}]
+    for size in (n for n in opts.batch if n > 1):
+        log(f"batched: at most {size} per forward")
+        t0 = time.perf_counter()
+        got = [r.tokens for r in eng.generate_batch(prompts, max_batch=size, max_new_tokens=n_new, stop_ids=[])]
+        rate = sum(map(len, got)) / (time.perf_counter() - t0)
+        rows.append({"batch": size, "tokens_per_second": rate, "over_one_at_a_time": rate / base,
+                     "same_tokens": got == alone})
+    return {"threads": max(opts.threads), "prompts": len(prompts), "new_tokens": n_new, "rows": rows}
 
 
 def _open_llama_cpp(model_path: Path, opts: BenchOptions, n_ctx: int, log):
@@ -284,4 +310,12 @@ def render(report: dict) -> str:
                      f"{g['seconds']:.2f} s: **{g['tokens_per_second']:.2f} tokens/s** "
                      f"({g['tokens_per_step']:.2f} tokens/step; random weights commit about one token a step, "
                      "so this is a lower bound)")
+    b = report.get("batched")
+    if b:
+        threads = f"{b['threads']} thread" + ("s" if b["threads"] != 1 else "")
+        lines += ["", f"Batched ({threads}): {b['prompts']} prompts of 32 tokens, {b['new_tokens']} new tokens each, "
+                  "one after another and then several per forward (what `tide serve --max-batch` does):",
+                  "", "| sequences per forward | tokens/s | × one at a time | same tokens |", "|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['tokens_per_second']:.1f} | {r['over_one_at_a_time']:.2f}× | "
+                  f"{'yes' if r['same_tokens'] else 'no (K-quant rounding)'} |" for r in b["rows"]]
     return "\n".join(lines) + "\n"
