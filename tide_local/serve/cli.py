@@ -25,9 +25,10 @@ as Server-Sent Events, one event per finished block of 32 tokens.
 
 Up to --max-batch requests are decoded together, in arrival order: each step is one forward
 over all of their active blocks (more rows per expert: the kernels and the GPU's expert slots
-pay off), and each answer is the one it would get alone. Up to --max-queue more wait; past that
-they are refused with 429. The decoding options below are the defaults of every request; a request's own fields
-(max_tokens, temperature, top_p, seed, and tide's threshold, steps, top_k) override them."""
+pay off), and each answer is the one it would get alone. Up to --max-queue more wait; past
+that they are refused with 429. The decoding options below are the defaults of every request;
+a request's own fields (max_tokens, temperature, top_p, seed, and tide's threshold, steps,
+top_k) override them."""
 
 EPILOG = f"""\
 examples:
