@@ -86,26 +86,35 @@ class _OffloadShare:
         return out
 
 
+@dataclass
+class _SequenceState:
+    """One sequence of the batch: its KV cache (None once it left), when it joined, and the
+    passes, rows and offload counts it took part in (read for its GenerationStats)."""
+
+    cache: KVCache | None
+    started: float = field(default_factory=time.perf_counter)
+    passes: int = 0
+    rows: int = 0
+    offload: _OffloadShare = field(default_factory=_OffloadShare)
+
+
 class _SequenceCaches:
     """The BatchModel over an engine's forward: a KV cache per sequence, one pass per step."""
 
     def __init__(self, engine):
         self.engine, self.model = engine, engine.model
         self.block_length = self.model.block_length
-        self.caches: dict[Hashable, KVCache] = {}
-        self.passes: dict[Hashable, int] = {}  # per sequence: passes and rows it took part in
-        self.rows: dict[Hashable, int] = {}
-        self.offload: dict[Hashable, _OffloadShare] = {}  # per sequence: its passes' offload counts
+        self.sequences: dict[Hashable, _SequenceState] = {}  # until their result is read
         self.batch_passes = 0  # passes of several sequences (the offload's clock for them)
         self.last: BatchStep | None = None
 
     def open_sequence(self, key, n_positions: int) -> None:
-        self.caches[key] = self.model.new_cache(n_positions)
-        self.passes[key] = self.rows[key] = 0
-        self.offload[key] = _OffloadShare()
+        self.sequences[key] = _SequenceState(self.model.new_cache(n_positions))
 
     def close_sequence(self, key) -> None:
-        self.model.release_cache(self.caches.pop(key))
+        seq = self.sequences[key]
+        self.model.release_cache(seq.cache)
+        seq.cache = None
 
     def prefill_chunk(self, n_tokens: int) -> int:
         return prefill_chunk(self.model.config, n_tokens, self.block_length)
@@ -114,12 +123,13 @@ class _SequenceCaches:
         t0, before = time.perf_counter(), _OffloadShare.of(self.engine.offload)
         spans, rows, offset = [], [], 0
         for part in parts:
-            spans.append(Span(self.caches[part.key], part.start, len(part.tokens)))
+            seq = self.sequences[part.key]
+            spans.append(Span(seq.cache, part.start, len(part.tokens)))
             if part.rows is not None:
                 rows.append(offset + np.asarray(part.rows))
             offset += len(part.tokens)
-            self.passes[part.key] += 1
-            self.rows[part.key] += len(part.tokens)
+            seq.passes += 1
+            seq.rows += len(part.tokens)
         tokens = np.concatenate([part.tokens for part in parts])
         logits = self.model.forward_spans(spans, tokens, np.concatenate(rows) if rows else None, self._info(parts))
         out, at = [], 0
@@ -133,7 +143,7 @@ class _SequenceCaches:
         if before is not None:
             delta = _OffloadShare.of(self.engine.offload).minus(before)
             for part in parts:
-                self.offload[part.key].add(delta)
+                self.sequences[part.key].offload.add(delta)
             total = delta.total()
         self.last = BatchStep(time.perf_counter() - t0, len(parts), offset, self._rows_per_expert(), total)
         return out
@@ -164,7 +174,6 @@ class EngineBatch:
         self.engine = engine
         self._model = _SequenceCaches(engine)
         self._decoder = BatchDecoder(self._model, max_batch)
-        self._started: dict[Hashable, float] = {}
 
     @property
     def running(self) -> int:
@@ -186,13 +195,11 @@ class EngineBatch:
             cancel=None, **options) -> None:
         """Queue `prompt` (a string or token ids) to join at the next step; the decoding keywords
         are `generate`'s. RuntimeError when the batch is full."""
-        eng = self.engine
-        ids = eng._ids(prompt)
-        opts = eng.decode_options(**options)
-        eng.check_context(len(ids), opts.max_new_tokens)
-        stops = [eng.eos_id] if stop_ids is None else list(stop_ids)
-        self._decoder.add(key, ids, opts, mask_id=eng.mask_id, stop_ids=stops, cancel=cancel)
-        self._started[key] = time.perf_counter()
+        self.add_checked(key, *self.engine._request(prompt, stop_ids, options), cancel=cancel)
+
+    def add_checked(self, key: Hashable, ids, options, stop_ids: list[int], cancel=None) -> None:
+        """`add` for a request the engine has checked already (`Engine._request`)."""
+        self._decoder.add(key, ids, options, mask_id=self.engine.mask_id, stop_ids=stop_ids, cancel=cancel)
 
     def step(self) -> list[tuple[Hashable, object]]:
         self._model.last = None  # a step without a forward (only sequences ending) has no BatchStep
@@ -201,20 +208,19 @@ class EngineBatch:
             if isinstance(event, DecodeResult):
                 event = self._result(key, event)
             elif isinstance(event, SequenceFailed):
-                for counts in (self._started, self._model.passes, self._model.rows, self._model.offload):
-                    counts.pop(key, None)
+                self._model.sequences.pop(key, None)
             events.append((key, event))
         return events
 
     def _result(self, key, result: DecodeResult) -> GenerationResult:
-        m, eng = self._model, self.engine
-        share, offload = m.offload.pop(key), None
+        eng, seq = self.engine, self._model.sequences.pop(key)
+        share, offload = seq.offload, None
         if eng.offload is not None:  # the counts of the passes it took part in, shared with the others in them
             offload = OffloadStats(policy=eng.offload.policy.name, tau=eng.tau, tau_source=eng.tau_source,
                                    per_layer=share.layers, per_step=[], upload_seconds=share.upload_seconds,
                                    cpu_expert_seconds=share.cpu_seconds, wait_seconds=share.wait_seconds)
-        stats = GenerationStats(**vars(result.stats), wall_seconds=time.perf_counter() - self._started.pop(key),
-                                forwards=m.passes.pop(key), forwarded_tokens=m.rows.pop(key), kv_cache=True,
+        stats = GenerationStats(**vars(result.stats), wall_seconds=time.perf_counter() - seq.started,
+                                forwards=seq.passes, forwarded_tokens=seq.rows, kv_cache=True,
                                 device=eng.device, offload=offload)
         return GenerationResult(result.tokens, self.engine.tokenizer.decode(result.tokens), stats)
 

@@ -337,12 +337,17 @@ class Engine:
         stop_ids: ids that end the answer (default: end-of-text).
         cancel: a threading.Event; once set, decoding ends before the next step with the
           finished blocks and ``finish_reason`` "cancelled"."""
+        return self._stream(*self._request(prompt, stop_ids, options), kv_cache, cancel)
+
+    def _request(self, prompt, stop_ids, options: dict) -> tuple[np.ndarray, DecodeOptions, list[int]]:
+        """One decode's checked inputs, before any work: (token ids, decoding options, stop ids;
+        default end-of-text). ValueError / ContextError for a bad one."""
         ids = self._ids(prompt)
         opts = self.decode_options(**options)
         self.check_context(len(ids), opts.max_new_tokens)
-        return self._stream(ids, opts, kv_cache, [self.eos_id] if stop_ids is None else list(stop_ids), cancel)
+        return ids, opts, [self.eos_id] if stop_ids is None else list(stop_ids)
 
-    def _stream(self, ids, opts: DecodeOptions, kv_cache: bool, stops: list[int], cancel):
+    def _stream(self, ids, opts: DecodeOptions, stops: list[int], kv_cache: bool, cancel):
         with self._exclusive():  # taken at the first event, released at the last (or on close)
             yield from self._decode(ids, opts, kv_cache, stops, cancel)
 
@@ -411,16 +416,14 @@ class Engine:
         load(..., max_batch=N); the others join as sequences finish), and return their
         GenerationResults in order. Each one's tokens are those of `generate(prompt, ...)` on f32 and q8_0 models
         (K-quants: with GGML_CPU_TILED_MM=0). Every prompt is checked before any decoding."""
-        prompts = list(prompts)
-        for prompt in prompts:  # a bad prompt fails the call before any work
-            self.check_context(len(self._ids(prompt)), self.decode_options(**options).max_new_tokens)
-        results: list[GenerationResult | None] = [None] * len(prompts)
+        requests = [self._request(prompt, stop_ids, options) for prompt in prompts]  # all checked before any work
+        results: list[GenerationResult | None] = [None] * len(requests)
         with self.batch(max_batch) as batch:
-            waiting = list(enumerate(prompts))[::-1]
+            waiting = list(enumerate(requests))[::-1]
             while waiting or batch.running:
                 while waiting and batch.has_room():
-                    i, prompt = waiting.pop()
-                    batch.add(i, prompt, stop_ids=stop_ids, **options)
+                    i, request = waiting.pop()
+                    batch.add_checked(i, *request)
                 for i, event in batch.step():
                     if isinstance(event, GenerationResult):
                         results[i] = event

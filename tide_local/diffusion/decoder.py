@@ -160,9 +160,6 @@ class CommitBlock:
     start: int
 
 
-Request = Prefill | BlockLogits | CommitBlock
-
-
 def check_request(prompt: Sequence[int], options: DecodeOptions, mask_id: int, stop_ids: Collection[int],
                   model_block: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Validate one decode (ValueError before any model call); returns the prompt as int32 and

@@ -200,7 +200,6 @@ class Backend(OwnedHandle):
         ctx.keep_alive(buf)
         return buf
 
-    # ---- compute
     # ---- asynchronous transfers
     def set_async(self, tensor: Tensor, array, offset: int | None = None) -> None:
         """Start copying ``array`` into ``tensor`` (whole tensor, or bytes from ``offset``) on this
@@ -218,6 +217,7 @@ class Backend(OwnedHandle):
         self._lib.ggml_backend_synchronize(self._p())
         self._pending.clear()
 
+    # ---- compute
     def compute(self, graph: Graph, inputs: Mapping[Tensor, np.ndarray] | None = None) -> None:
         """Run the graph to completion (allocating it on this backend first if needed).
 
