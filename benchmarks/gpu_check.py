@@ -888,6 +888,7 @@ def stage_batching(cfg: Config) -> dict:
     aggregate tokens/s and whether every answer equals its sequential one, on all the CPU's
     cores and on the device (tide at the middle budget)."""
     import tide_local
+    from tide_local.bench.batching import batched_throughput
 
     model = load_result(cfg, "model")
     prompts = [prompt_ids(n) for n in (17, 40, 64, 90, 33, 70, 8, 50)]
@@ -899,18 +900,7 @@ def stage_batching(cfg: Config) -> dict:
     for label, load in places:
         with tide_local.load(cfg.model, n_ctx=N_CTX, threads=cfg.threads, max_batch=max(BATCH_SIZES), **load) as eng:
             eng.generate(prompts[0], **options)  # warm-up
-            t0 = time.perf_counter()
-            solo = [eng.generate(p, **options).tokens for p in prompts]
-            base = sum(map(len, solo)) / (time.perf_counter() - t0)
-            for size in BATCH_SIZES:
-                if size == 1:
-                    done, tokens_per_s = solo, base
-                else:
-                    t0 = time.perf_counter()
-                    done = [r.tokens for r in eng.generate_batch(prompts, max_batch=size, **options)]
-                    tokens_per_s = sum(map(len, done)) / (time.perf_counter() - t0)
-                rows.append({"on": label, "batch": size, "tokens_per_second": tokens_per_s,
-                             "over_sequential": tokens_per_s / base, "same_answers": done == solo})
+            rows += [{"on": label, **row} for row in batched_throughput(eng, prompts, BATCH_SIZES, **options)]
     result = {"threads": cfg.threads, "prompts": len(prompts), "options": options, "rows": rows}
     save_result(cfg, "batching", result)
     return result
@@ -1237,7 +1227,7 @@ def _render_batching(b: dict) -> list[str]:
     if not b:
         return []
     rows = [[_where(r["on"]) if r["on"] != "cpu" else f"CPU ({b['threads']} threads)", r["batch"],
-             f"{r['tokens_per_second']:.1f}", f"{r['over_sequential']:.2f}", "yes" if r["same_answers"] else "no"]
+             f"{r['tokens_per_second']:.1f}", f"{r['over_one_at_a_time']:.2f}", "yes" if r["same_tokens"] else "no"]
             for r in b["rows"]]
     return ["## Batching", "",
             (f"{b['prompts']} prompts, {b['options']['max_new_tokens']} new tokens in "

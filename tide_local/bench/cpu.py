@@ -30,6 +30,7 @@ import numpy as np
 import tide_local
 from tide_local import ggml
 from tide_local.bench.bandwidth import read_bandwidth
+from tide_local.bench.batching import batched_throughput
 from tide_local.bench.ops import OP_KINDS, op_jobs
 from tide_local.engine import CachedBlockModel
 from tide_local.ggml.backend import usable_cores
@@ -161,24 +162,13 @@ def _end_to_end(eng, rng, high: int, opts: BenchOptions, log) -> dict:
 
 
 def _batched(eng, rng, high: int, opts: BenchOptions, log) -> dict:
-    """Aggregate tokens/s of as many prompts as the largest batch, decoded one after another
-    and then with at most N per forward (`generate_batch`), each answer checked against its
-    sequential one (equal on f32 and q8_0; K-quants' tiled kernel rounds by row count)."""
+    """`batched_throughput` over as many prompts of 32 plain tokens as the largest batch, no stop
+    ids (every requested token is decoded)."""
     eng.backend.n_threads = max(opts.threads)
     n_new = opts.generate_tokens or BLOCK
     prompts = [rng.integers(0, high, BLOCK).tolist() for _ in range(max(opts.batch))]
-    log(f"batched: {len(prompts)} prompts of {BLOCK} tokens, {n_new} new tokens each, one after another")
-    t0 = time.perf_counter()
-    alone = [eng.generate(p, max_new_tokens=n_new, stop_ids=[]).tokens for p in prompts]
-    base = sum(map(len, alone)) / (time.perf_counter() - t0)
-    rows = [{"batch": 1, "tokens_per_second": base, "over_one_at_a_time": 1.0, "same_tokens": True}]
-    for size in (n for n in opts.batch if n > 1):
-        log(f"batched: at most {size} per forward")
-        t0 = time.perf_counter()
-        got = [r.tokens for r in eng.generate_batch(prompts, max_batch=size, max_new_tokens=n_new, stop_ids=[])]
-        rate = sum(map(len, got)) / (time.perf_counter() - t0)
-        rows.append({"batch": size, "tokens_per_second": rate, "over_one_at_a_time": rate / base,
-                     "same_tokens": got == alone})
+    log(f"batched: {len(prompts)} prompts of {BLOCK} tokens, {n_new} new tokens each")
+    rows = batched_throughput(eng, prompts, opts.batch, max_new_tokens=n_new, stop_ids=[])
     return {"threads": max(opts.threads), "prompts": len(prompts), "new_tokens": n_new, "rows": rows}
 
 
