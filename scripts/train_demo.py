@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tide_local.converters.testmodel import CHAT_TEMPLATE, bpe_tokenizer_json, build_config, write_metadata
-from tide_local.demo_tasks import TASKS, WORDS, evaluation_set, example
+from tide_local.demo_tasks import TASKS, WORDS, column_addition, column_subtraction, evaluation_set, example
 from tide_local.tokenizer import Tokenizer
 
 BLOCK = 32
@@ -48,6 +48,7 @@ def demo_tokenizer():
 
     lines = [f"{w} {w} {w}\n" for w in WORDS for _ in range(3)]
     lines += ["What is 12 + 34?\n", "What is 56 - 78?\n", "Sort: 9 1 5\n", "Reverse: pear fig\n",
+              column_addition(12, 34) + "\n", column_subtraction(56, 78) + "\n",
               "SYSTEM HUMAN ASSISTANT OBSERVATION detailed thinking off\n"] * 8
     tok = Tokenizer.from_str(bpe_tokenizer_json(lines, vocab_size=4096, min_frequency=2))
     for w in WORDS:
@@ -83,18 +84,19 @@ class Data:
     the same tasks), the answer, <|role_end|>, then end-of-text up to the end of the block
     (what the decoder produces), cut after one noisy block."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, mix: dict[str, float]):
         self.tok = Tokenizer(TOKENIZER.to_str(), CHAT_TEMPLATE, source="the demo tokenizer")
         raw = TOKENIZER
         self.mask_id = raw.token_to_id("<|mask|>")
         self.eos_id = raw.token_to_id("<|endoftext|>")
         self.role_end_id = raw.token_to_id("<|role_end|>")
         self.rng = random.Random(seed)
+        self.tasks, self.weights = list(mix), list(mix.values())
         self.held_out = {item.question for item in evaluation_set(200)}
 
     def example(self):
         while True:
-            item = example(self.rng.choice(TASKS), self.rng)
+            item = example(self.rng.choices(self.tasks, self.weights)[0], self.rng)
             if item.question not in self.held_out:
                 return item
 
@@ -230,19 +232,17 @@ class LLaDA2(torch.nn.Module):
         flat = idx.reshape(-1)
         counts = torch.bincount(flat, minlength=E)
         self.loads[i] = counts
+        # rows grouped by expert, one matmul per expert: no padding to the busiest expert's load
+        # (an unbalanced router early in training made a padded batched matmul 5x the work)
         order = torch.argsort(flat, stable=True)
-        expert = flat[order]
-        offsets = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(flat.numel()) - offsets[expert]
         token = order // K
-        cap = int(counts.max())
-        slab = x.new_zeros(E, cap, H)
-        slab[expert, rank] = x[token]
-        h = F.silu(torch.bmm(slab, self.w(pre + "experts.gate").transpose(1, 2)))
-        h = h * torch.bmm(slab, self.w(pre + "experts.up").transpose(1, 2))
-        y = torch.bmm(h, self.w(pre + "experts.down").transpose(1, 2))[expert, rank]
-        y = y * weights.reshape(-1)[order, None]
-        out = torch.zeros_like(x).index_add_(0, token, y)
+        gate, up, down = self.w(pre + "experts.gate"), self.w(pre + "experts.up"), self.w(pre + "experts.down")
+        parts = []
+        for e, rows in enumerate(torch.split(x[token], counts.tolist())):
+            if rows.shape[0]:
+                parts.append(F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e]))
+        y = torch.cat(parts) * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
         s = pre + "shared_experts."
         shared = F.linear(F.silu(F.linear(x, self.w(s + "gate_proj.weight"))) * F.linear(x, self.w(s + "up_proj.weight")),
                           self.w(s + "down_proj.weight"))
@@ -299,6 +299,20 @@ class LLaDA2(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+# Arithmetic and sorting take far more examples to learn than reversing words.
+DEFAULT_MIX = "add=0.3,sub=0.3,sort=0.25,reverse=0.15"
+
+
+def task_mix(text: str) -> dict[str, float]:
+    mix = {}
+    for part in text.split(","):
+        task, _, share = part.partition("=")
+        if task not in TASKS:
+            raise argparse.ArgumentTypeError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+        mix[task] = float(share)
+    return mix
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -334,6 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-tokens", type=int, default=3072, help="tokens per optimizer step (default 3072)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--bias-rate", type=float, default=1e-3, help="expert-bias update per step (default 1e-3)")
+    ap.add_argument("--mix", type=task_mix, default=task_mix(DEFAULT_MIX),
+                    help=f"share of each task in the samples (default {DEFAULT_MIX})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -343,7 +359,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     config = build_config("tiny", DEMO_SHAPE)
-    data = Data(args.seed)
+    data = Data(args.seed, args.mix)
     model = LLaDA2(config, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f} M parameters; {args.steps} steps of ~{args.batch_tokens} tokens, "

@@ -9,7 +9,7 @@ import pytest
 
 import tide_local
 from tide_local.demo import DEMO_PROMPTS, demo_model_path
-from tide_local.demo_tasks import TASKS, Example, evaluation_set, example, is_correct
+from tide_local.demo_tasks import TASKS, Example, column_addition, column_subtraction, evaluation_set, example, is_correct
 from tide_local.modelfile import ModelFile
 
 
@@ -78,6 +78,17 @@ def test_checker_rules():
     assert is_correct(sort, "1 2 3") and not is_correct(sort, "1 3 2") and not is_correct(sort, "1 2")
     rev = Example("reverse", "Reverse: a b", "b a")
     assert is_correct(rev, "b a") and not is_correct(rev, "a b")
+
+
+def test_column_answers():
+    """The training answers of sums and differences: units first, carry or borrow in, then the result."""
+    assert column_addition(347, 85) == "7+5+0=12 4+8+1=13 3+0+1=04 so 432"
+    assert column_addition(999, 999) == "9+9+0=18 9+9+1=19 9+9+1=19 so 1998"
+    assert column_addition(0, 0) == "0+0+0=00 0+0+0=00 0+0+0=00 so 0"
+    assert column_subtraction(85, 347) == "85<347: 7-5-0=2 4-8-0=6 3-0-1=2 so -262"
+    assert column_subtraction(1000 - 1, 0) == "999>0: 9-0-0=9 9-0-0=9 9-0-0=9 so 999"
+    assert column_subtraction(500, 1) == "500>1: 0-1-0=9 0-0-1=9 5-0-1=4 so 499"
+    assert column_subtraction(42, 42) == "42=42: 2-2-0=0 4-4-0=0 0-0-0=0 so 0"
 
 
 def test_examples_follow_the_task_forms():

@@ -3,7 +3,8 @@
 The trained demo model (see :mod:`tide_local.demo`) learned these, and only these:
 
 * ``add`` / ``sub``: ``What is A + B?`` / ``What is A - B?`` with integers 0..999, answered
-  ``A + B = C``; an answer is right when its last integer is the result;
+  column by column from the units up (see :func:`column_addition`, :func:`column_subtraction`)
+  and ending ``so C``; an answer is right when its last integer is the result;
 * ``sort``: ``Sort: 5 3 9 1`` (2..8 integers 0..99) answered with the integers in ascending
   order, separated by spaces;
 * ``reverse``: ``Reverse: apple pear fig`` (2..6 words of :data:`WORDS`) answered with the
@@ -40,6 +41,37 @@ one two three four five six seven eight nine ten
 """.split())
 
 
+def _digits(n: int) -> list[int]:
+    """The units, tens and hundreds digits of 0 <= n <= 999."""
+    return [n // 10**i % 10 for i in range(3)]
+
+
+def column_addition(a: int, b: int) -> str:
+    """``347 + 85`` as ``7+5+0=12 4+8+1=13 3+0+1=04 so 432``: every column (units first) adds
+    the two digits and the carry in, and writes its two-digit sum, whose first digit is the next
+    column's carry. Every token depends on a few tokens before it, which a small model can learn
+    where the bare sum, a function of all six digits at once, is not learned."""
+    columns, carry = [], 0
+    for x, y in zip(_digits(a), _digits(b)):
+        total = x + y + carry
+        columns.append(f"{x}+{y}+{carry}={total:02d}")
+        carry = total // 10
+    return " ".join(columns) + f" so {a + b}"
+
+
+def column_subtraction(a: int, b: int) -> str:
+    """``85 - 347`` as ``85<347: 7-5-0=2 4-8-0=6 3-0-1=2 so -262``: the comparison first, then
+    the larger minus the smaller column by column (units first) with the borrow in, then the
+    result with the comparison's sign."""
+    big, small = max(a, b), min(a, b)
+    columns, borrow = [], 0
+    for x, y in zip(_digits(big), _digits(small)):
+        columns.append(f"{x}-{y}-{borrow}={(x - y - borrow) % 10}")
+        borrow = int(x - y - borrow < 0)
+    relation = "<" if a < b else ">" if a > b else "="
+    return f"{a}{relation}{b}: " + " ".join(columns) + f" so {a - b}"
+
+
 @dataclass(frozen=True)
 class Example:
     task: str
@@ -54,8 +86,9 @@ def example(task: str, rng: random.Random) -> Example:
     """One random example of ``task``."""
     if task in ("add", "sub"):
         a, b = rng.randint(0, 999), rng.randint(0, 999)
-        op, result = ("+", a + b) if task == "add" else ("-", a - b)
-        return Example(task, f"What is {a} {op} {b}?", f"{a} {op} {b} = {result}")
+        if task == "add":
+            return Example(task, f"What is {a} + {b}?", column_addition(a, b))
+        return Example(task, f"What is {a} - {b}?", column_subtraction(a, b))
     if task == "sort":
         values = [rng.randint(0, 99) for _ in range(rng.randint(2, 8))]
         return Example(task, "Sort: " + " ".join(map(str, values)), " ".join(map(str, sorted(values))))
