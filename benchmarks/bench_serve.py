@@ -76,21 +76,11 @@ def requests_for(model: str, n: int) -> tuple[str, list[dict]]:
 @contextlib.contextmanager
 def serving(engine, max_batch: int):
     from tide_local.serve.app import create_app
-    from tide_local.serve.server import Server, bind
+    from tide_local.serve.server import serve_in_thread
 
     app = create_app(engine, model_name="bench", max_queue=1024, max_batch=max_batch)
-    sock = bind("127.0.0.1", 0)
-    started = threading.Event()
-    server = Server(app, on_started=started.set, before_stop=app.state.scheduler.close)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    if not started.wait(60):
-        raise RuntimeError("the server did not start")
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.metrics
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with serve_in_thread(app) as running:
+        yield running.url, app.state.metrics
 
 
 def answer_text(endpoint: str, reply: dict) -> str:

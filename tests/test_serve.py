@@ -31,7 +31,7 @@ from tide_local.converters.convert import convert
 from tide_local.converters.testmodel import make_checkpoint
 from tide_local.serve import cli as serve_cli
 from tide_local.serve.app import create_app
-from tide_local.serve.server import Server, bind
+from tide_local.serve.server import serve_in_thread
 from tide_local.serve.text import AnswerText
 
 N = 8  # answer tokens: a random model's answers never stop early
@@ -85,20 +85,10 @@ class GatedEngine:
 def serving(engine, **options):
     """A server for `engine` on 127.0.0.1, a free port, until the block ends."""
     app = create_app(engine, model_name=MODEL, **options)
-    sock = bind("127.0.0.1", 0)
-    started = threading.Event()
-    server = Server(app, on_started=started.set, before_stop=app.state.scheduler.close)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    assert started.wait(30), "the server did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, server=server, thread=thread,
+    with serve_in_thread(app, start_timeout=30, stop_timeout=30) as running:
+        yield SimpleNamespace(url=running.url, port=running.port, server=running.server, thread=running.thread,
                               scheduler=app.state.scheduler, metrics=app.state.metrics)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive()
+    assert not running.thread.is_alive()
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,12 @@ decode at its next step, the waiting ones with a 503."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import uvicorn
 
@@ -76,3 +79,34 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         getattr(self, "_captured_signals", []).clear()
+
+
+@dataclass
+class Running:
+    """A server running in a thread of this process (see `serve_in_thread`)."""
+
+    url: str
+    port: int
+    server: Server
+    thread: threading.Thread
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, *, host: str = "127.0.0.1", start_timeout: float = 60, stop_timeout: float = 60):
+    """Serve `app` (from `create_app`) on a free port of `host` in a daemon thread until the block
+    ends, then stop it as Ctrl+C would. For programs that drive a server themselves: the tests,
+    benchmarks."""
+    sock = bind(host, 0)
+    started = threading.Event()
+    server = Server(app, on_started=started.set, before_stop=app.state.scheduler.close)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    if not started.wait(start_timeout):
+        server.should_exit = True
+        raise TideError(f"the server did not start within {start_timeout:g} s")
+    port = sock.getsockname()[1]
+    try:
+        yield Running(url(host, port), port, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(stop_timeout)
