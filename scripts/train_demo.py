@@ -219,7 +219,7 @@ class LLaDA2(torch.nn.Module):
     def moe(self, i, x):
         c, pre = self.c, f"model.layers.{i}.mlp."
         E, K, G, TG = c["num_experts"], c["num_experts_per_tok"], c["n_group"], c["topk_group"]
-        N, H = x.shape
+        N = x.shape[0]
         scores = torch.sigmoid(F.linear(x, self.w(pre + "gate.weight")))
         with torch.no_grad():
             choice = (scores + getattr(self, f"bias{i}")).view(N, G, E // G)
@@ -242,7 +242,7 @@ class LLaDA2(torch.nn.Module):
             if rows.shape[0]:
                 parts.append(F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e]))
         y = torch.cat(parts) * weights.reshape(-1)[order, None]
-        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        out = torch.zeros_like(x).index_add_(0, token, y)
         s = pre + "shared_experts."
         shared = F.linear(F.silu(F.linear(x, self.w(s + "gate_proj.weight"))) * F.linear(x, self.w(s + "up_proj.weight")),
                           self.w(s + "down_proj.weight"))
