@@ -82,13 +82,13 @@ def test_checker_rules():
 
 def test_column_answers():
     """The training answers of sums and differences: units first, carry or borrow in, then the result."""
-    assert column_addition(347, 85) == "7+5+0=12 4+8+1=13 3+0+1=04 so 432"
-    assert column_addition(999, 999) == "9+9+0=18 9+9+1=19 9+9+1=19 so 1998"
-    assert column_addition(0, 0) == "0+0+0=00 0+0+0=00 0+0+0=00 so 0"
-    assert column_subtraction(85, 347) == "85<347: 7-5-0=2 4-8-0=6 3-0-1=2 so -262"
-    assert column_subtraction(1000 - 1, 0) == "999>0: 9-0-0=9 9-0-0=9 9-0-0=9 so 999"
-    assert column_subtraction(500, 1) == "500>1: 0-1-0=9 0-0-1=9 5-0-1=4 so 499"
-    assert column_subtraction(42, 42) == "42=42: 2-2-0=0 4-4-0=0 0-0-0=0 so 0"
+    assert column_addition(347, 85) == "347+085: 7+5+0=12 4+8+1=13 3+0+1=04 so 432"
+    assert column_addition(999, 999) == "999+999: 9+9+0=18 9+9+1=19 9+9+1=19 so 1998"
+    assert column_addition(0, 0) == "000+000: 0+0+0=00 0+0+0=00 0+0+0=00 so 0"
+    assert column_subtraction(85, 347) == "085<347 so 347-085: 7-5-0=2 4-8-0=6 3-0-1=2 so -262"
+    assert column_subtraction(1000 - 1, 0) == "999>000 so 999-000: 9-0-0=9 9-0-0=9 9-0-0=9 so 999"
+    assert column_subtraction(500, 1) == "500>001 so 500-001: 0-1-0=9 0-0-1=9 5-0-1=4 so 499"
+    assert column_subtraction(42, 42) == "042=042 so 042-042: 2-2-0=0 4-4-0=0 0-0-0=0 so 0"
 
 
 def test_examples_follow_the_task_forms():

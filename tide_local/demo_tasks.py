@@ -49,29 +49,31 @@ def _digits(n: int) -> list[int]:
 
 
 def column_addition(a: int, b: int) -> str:
-    """``347 + 85`` as ``7+5+0=12 4+8+1=13 3+0+1=04 so 432``: every column (units first) adds
-    the two digits and the carry in, and writes its two-digit sum, whose first digit is the next
-    column's carry. Every token depends on a few tokens before it, which a small model can learn
-    where the bare sum, a function of all six digits at once, is not learned."""
+    """``347 + 85`` as ``347+085: 7+5+0=12 4+8+1=13 3+0+1=04 so 432``: the operands first, three
+    digits each, then every column (units first) adds the two digits and the carry in and writes
+    its two-digit sum, whose first digit is the next column's carry. Every digit a column needs
+    sits at a fixed distance from it (the padded operands fix the layout), and every token depends
+    on a few tokens before it: a small model learns that, where the bare sum (a function of all
+    six digits, found at positions that move with the operands' lengths) is not learned."""
     columns, carry = [], 0
     for x, y in zip(_digits(a), _digits(b)):
         total = x + y + carry
         columns.append(f"{x}+{y}+{carry}={total:02d}")
         carry = total // 10
-    return " ".join(columns) + f" so {a + b}"
+    return f"{a:03d}+{b:03d}: " + " ".join(columns) + f" so {a + b}"
 
 
 def column_subtraction(a: int, b: int) -> str:
-    """``85 - 347`` as ``85<347: 7-5-0=2 4-8-0=6 3-0-1=2 so -262``: the comparison first, then
-    the larger minus the smaller column by column (units first) with the borrow in, then the
-    result with the comparison's sign."""
+    """``85 - 347`` as ``085<347 so 347-085: 7-5-0=2 4-8-0=6 3-0-1=2 so -262``: the operands
+    compared (three digits each), then the larger minus the smaller column by column (units
+    first) with the borrow in, then the result with the comparison's sign."""
     big, small = max(a, b), min(a, b)
     columns, borrow = [], 0
     for x, y in zip(_digits(big), _digits(small)):
         columns.append(f"{x}-{y}-{borrow}={(x - y - borrow) % 10}")
         borrow = int(x - y - borrow < 0)
     relation = "<" if a < b else ">" if a > b else "="
-    return f"{a}{relation}{b}: " + " ".join(columns) + f" so {a - b}"
+    return f"{a:03d}{relation}{b:03d} so {big:03d}-{small:03d}: " + " ".join(columns) + f" so {a - b}"
 
 
 @dataclass(frozen=True)
