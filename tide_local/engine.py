@@ -84,10 +84,10 @@ class CachedBlockModel:
             self._forward(tokens[start:start + chunk], start, PassInfo("prefill"))
 
     def block_logits(self, block: np.ndarray, start: int, rows: np.ndarray, step: int = 0) -> np.ndarray:
-        return self._forward(block, start, PassInfo("step", start // self.block_length, step), rows)
+        return self._forward(block, start, PassInfo.step_at(start, self.block_length, step), rows)
 
     def commit_block(self, block: np.ndarray, start: int) -> None:
-        self._forward(block, start, PassInfo("commit", start // self.block_length))
+        self._forward(block, start, PassInfo.commit_at(start, self.block_length))
 
 
 class RecomputeBlockModel(WindowModel):

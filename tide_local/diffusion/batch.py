@@ -133,8 +133,8 @@ class BatchDecoder:
             start, end = seq.chunks[0]
             return BatchPart(seq.key, req.tokens[start:end], start, None, PassInfo("prefill"))
         if isinstance(req, BlockLogits):
-            return BatchPart(seq.key, req.block, req.start, req.rows, PassInfo("step", req.start // B, req.step))
-        return BatchPart(seq.key, req.block, req.start, None, PassInfo("commit", req.start // B))
+            return BatchPart(seq.key, req.block, req.start, req.rows, PassInfo.step_at(req.start, B, req.step))
+        return BatchPart(seq.key, req.block, req.start, None, PassInfo.commit_at(req.start, B))
 
     def _advance(self, seq: _Sequence, reply, events: list) -> None:
         """Run the sequence's program up to its next forward, collecting its events."""

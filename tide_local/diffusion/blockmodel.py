@@ -37,6 +37,16 @@ class PassInfo:
     def plain(cls) -> "PassInfo":
         return cls("forward")
 
+    @classmethod
+    def step_at(cls, start: int, block_length: int, step: int) -> "PassInfo":
+        """The ``step``-th denoising step of the block that begins at position ``start``."""
+        return cls("step", start // block_length, step)
+
+    @classmethod
+    def commit_at(cls, start: int, block_length: int) -> "PassInfo":
+        """The commit of the block that begins at position ``start``."""
+        return cls("commit", start // block_length)
+
 
 @runtime_checkable
 class BlockModel(Protocol):
@@ -118,7 +128,7 @@ class WindowModel:
         window = np.concatenate([self._tokens, block])
         self.forwards += 1
         self.forwarded_tokens += window.size
-        info = PassInfo("step", start // self.block_length, step)
+        info = PassInfo.step_at(start, self.block_length, step)
         logits = np.asarray(self.window_logits(window, start + rows, info), dtype=np.float32)
         if logits.ndim != 2 or logits.shape[0] != rows.size:
             raise ValueError(f"logits_fn returned shape {logits.shape} for {rows.size} rows")

@@ -72,7 +72,7 @@ def synthesize(spec: SynthSpec, name: str = "synthetic") -> RoutingTrace:
     for _ in range(spec.blocks):
         u = {layer: rng.standard_normal((T, E)) for layer in layers}
         for step in range(spec.steps + 1):  # the steps, then the commit pass
-            info = PassInfo("step", start // T, step) if step < spec.steps else PassInfo("commit", start // T)
+            info = PassInfo.step_at(start, T, step) if step < spec.steps else PassInfo.commit_at(start, T)
             trace.begin_pass(start, T, step < spec.steps, info)
             for layer in layers:
                 if step:
