@@ -344,7 +344,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
-    ap.add_argument("--minutes", type=float, default=55.0, help="stop after this many minutes even if steps remain")
+    ap.add_argument("--minutes", type=float, default=55.0,
+                    help="stop after this many minutes even if steps remain; the learning rate's cosine "
+                         "follows whichever of steps and minutes runs out first (default 55)")
     ap.add_argument("--batch-tokens", type=int, default=3072, help="tokens per optimizer step (default 3072)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--bias-rate", type=float, default=1e-3, help="expert-bias update per step (default 1e-3)")
@@ -370,11 +372,14 @@ def main(argv=None) -> int:
                             lr=args.lr, betas=(0.9, 0.98))
     warmup = max(1, args.steps // 30)
 
+    def progress(step):
+        # whichever budget binds first, steps or minutes, so a slower machine still anneals fully
+        return max((step - warmup) / max(1, args.steps - warmup), (time.monotonic() - started) / (args.minutes * 60))
+
     def lr_at(step):
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, args.steps - warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step)))))
 
     losses, accs = [], []
     started = time.monotonic()
@@ -397,7 +402,7 @@ def main(argv=None) -> int:
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", acc=f"{np.mean(accs[-20:]):.3f}",
                             lr=f"{lr_at(step):.1e}")
-        if time.monotonic() - started > args.minutes * 60:
+        if progress(step) >= 1:
             print(f"time budget reached after {step + 1} steps", file=sys.stderr)
             break
     bar.close()
