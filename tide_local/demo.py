@@ -7,10 +7,10 @@ scratch with LLaDA2's block-diffusion objective on the tasks of :mod:`tide_local
 
     What is 123 + 456?        Sort: 5 3 9 1        Reverse: apple pear fig
 
-It knows nothing else, and 38 minutes of training on 2 CPU cores taught it only part of
-that: it reverses words (86.5% of held-out prompts), while its sums, differences and sorted
-lists have the right form but mostly wrong numbers. How it was trained (the command, the
-commit) is in ``tide_local/data/DEMO.md``; `benchmarks/bench_demo.py` measures it.
+It knows nothing else, and 56 minutes of training on 2 CPU cores taught it only part of
+that: it reverses words (100% of held-out prompts) and sorts some lists (23%); its sums and
+differences follow the trained column procedure, but with wrong digit sums. How it was trained
+(the command, the commit) is in ``tide_local/data/DEMO.md``; `benchmarks/bench_demo.py` measures it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from tide_local.errors import TideError
 
 DEMO_FILE = "demo-llada2-q8_0.gguf"
 DEMO_PROMPTS = ("Reverse: apple pear fig", "What is 123 + 456?", "Sort: 5 3 9 1")
-DESCRIPTION = ("a small model trained on three tasks: it reverses words well; its sums and sorted "
-               "lists have the right form but mostly wrong numbers")
+DESCRIPTION = ("a small model trained on three tasks: it reverses words; it sorts some lists; its "
+               "sums have the right form but wrong numbers")
 
 
 def demo_model_path() -> Path:

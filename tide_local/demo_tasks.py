@@ -10,10 +10,8 @@ The trained demo model (see :mod:`tide_local.demo`) learned these, and only thes
 * ``reverse``: ``Reverse: apple pear fig`` (2..6 words of :data:`WORDS`) answered with the
   words in reverse order.
 
-The packaged model was trained at an earlier commit (``tide_local/data/DEMO.md``), when sums and
-differences were answered ``A + B = C``. Training draws examples from :func:`example`; the
-evaluation set (:func:`evaluation_set`) is drawn with its own seed and training skips its
-prompts, so it is held out.
+Training draws examples from :func:`example`; the evaluation set (:func:`evaluation_set`) is
+drawn with its own seed and training skips its prompts, so it is held out.
 """
 
 from __future__ import annotations
