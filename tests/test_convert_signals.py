@@ -26,11 +26,16 @@ from tide_local.gguf.writer import PARTIAL_SUFFIX, remove_stale_partials
 # argv: MODE HF_DIR OUT. MODE "main": block in the main thread inside a write of tensor data;
 # "worker": block in a quantizing worker thread, so the main thread waits on its result.
 _HOOK = r"""
-import sys, threading
+import signal, sys, threading
 from tide_local.converters import convert as convert_module
 from tide_local.gguf import writer as writer_module
 
 mode, hf_dir, out = sys.argv[1:4]
+# the dispositions a conversion started from a terminal has, even when the tests run under nohup
+# or in a background job (which ignore SIGHUP, SIGINT, SIGQUIT, and pass that on to children)
+for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1"):
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 never = threading.Event()
 calls = {"n": 0}
 
